@@ -1,0 +1,248 @@
+"""
+Turn text files into training data: data/<name>/train.bin, val.bin, meta.json.
+
+    python data/prepare.py                                  # tinyshakespeare, bytes
+    python data/prepare.py --tokenization=bpe               # the same text, GPT-2 BPE
+    python data/prepare.py --input=a.txt,b.txt --name=mine  # your own files
+    python data/prepare.py --input a.txt b.txt              # argparse style works too
+
+Without --input the corpus is tinyshakespeare: data/shakespeare/input.txt, or
+downloaded there on first use. Offline, it falls back to a corpus every Python
+has, the standard library's own source, so the quick start still runs; meta.json
+records which corpus was used.
+
+The last --val_fraction of the corpus is the validation split, cut at a UTF-8
+character boundary so both tokenizations split exactly the same text.
+- bytes: the raw UTF-8 bytes, vocab 256, stored as uint8
+- bpe:   tiktoken's GPT-2 encoding, vocab 50257, stored as uint16
+meta.json (never pickle) holds the vocab, dtype, token and byte counts: the
+byte counts are what bits per byte divides by.
+"""
+
+import http.client
+import json
+import os
+import sys
+import sysconfig
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: find cli.py
+from cli import UserError, parse_config, run  # noqa: E402
+
+DATA_DIR = Path(__file__).resolve().parent
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_PATH = Path("shakespeare") / "input.txt"  # under the data folder, where nanoGPT keeps it
+DOWNLOAD_TIMEOUT_S = 10  # offline, fail fast and use the fallback corpus
+STDLIB_CORPUS_BYTES = 3_000_000  # about 3x tinyshakespeare: enough text to learn from, quick to tokenize
+BYTE_VOCAB = 256
+BPE_ENCODING = "gpt2"
+UTF8_MAX_CONTINUATION = 3  # a UTF-8 character is one lead byte and at most 3 continuation bytes
+TOKENIZATIONS = {"bytes": "uint8", "bpe": "uint16"}  # the smallest dtype that holds every token id
+
+
+@dataclass
+class PrepareConfig:
+    input: str = ""  # comma-separated text files; empty = the default corpus (tinyshakespeare)
+    tokenization: str = "bytes"  # bytes | bpe
+    name: str = ""  # output folder under the data folder; empty = <first input's stem or "default">_<tokenization>
+    val_fraction: float = 0.1  # the last this-much of the corpus is the validation split
+    data_dir: str = ""  # where dataset folders go; empty = the folder holding this script
+
+
+# ----------------------------------------------------------------------------
+# reading the corpus
+
+def read_corpus(paths):
+    """
+    The files' bytes, concatenated in the order given. A file that does not end
+    with a newline gets one before the next file, so the last line of one file
+    never runs into the first line of the next; otherwise the bytes are untouched.
+    """
+    parts = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise UserError(f"input file {str(path)!r} not found")
+        data = path.read_bytes()
+        if parts and parts[-1] and not parts[-1].endswith(b"\n"):
+            parts.append(b"\n")
+        parts.append(data)
+    return b"".join(parts)
+
+
+def download_tinyshakespeare():
+    """tinyshakespeare's bytes from nanoGPT's address. Raises OSError when offline."""
+    with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        return response.read()
+
+
+def stdlib_sources():
+    """The standard library's top-level modules in sorted order, whole files, until about STDLIB_CORPUS_BYTES."""
+    paths, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        if total >= STDLIB_CORPUS_BYTES:
+            break
+        paths.append(path)
+        total += path.stat().st_size
+    return paths
+
+
+def write_atomic(path, data):
+    """Write to a temp file and rename it into place: an interrupted run never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def default_corpus(data_dir=DATA_DIR):
+    """(bytes, corpus name, sources): tinyshakespeare, downloaded if need be, else the stdlib's source."""
+    path = Path(data_dir) / TINYSHAKESPEARE_PATH
+    if not path.is_file():
+        try:
+            data = download_tinyshakespeare()
+        # no network, DNS failure and timeouts are OSErrors; a connection dropped mid-body is not
+        except (OSError, http.client.HTTPException) as e:
+            sources = stdlib_sources()
+            if not sources:
+                raise UserError(f"no default corpus: downloading tinyshakespeare failed ({e}) and "
+                                "Python's standard library source is not installed; pass --input=FILE") from None
+            print(f"note: could not download tinyshakespeare ({e}); "
+                  f"using {len(sources)} files of Python's standard library source instead")
+            return read_corpus(sources), "python-stdlib", [str(p) for p in sources]
+        write_atomic(path, data)
+        print(f"downloaded tinyshakespeare to {path}")
+    return path.read_bytes(), "tinyshakespeare", [str(path)]
+
+
+# ----------------------------------------------------------------------------
+# splitting and tokenizing
+
+def split_point(data, fraction):
+    """
+    Where validation starts: at the last `fraction` of the bytes, moved back to
+    the start of a UTF-8 character, so no character is split between train and
+    val and the BPE split decodes to the same text as the byte split.
+    """
+    cut = int(len(data) * (1 - fraction))
+    # continuation bytes look like 0b10xxxxxx; step back over at most one character's worth,
+    # so bytes that are not UTF-8 at all still split near the requested point
+    steps = 0
+    while 0 < cut < len(data) and data[cut] & 0b1100_0000 == 0b1000_0000 and steps < UTF8_MAX_CONTINUATION:
+        cut, steps = cut - 1, steps + 1
+    return cut
+
+
+def load_bpe():
+    import tiktoken  # only BPE needs it
+    try:
+        return tiktoken.get_encoding(BPE_ENCODING)
+    except OSError as e:  # requests' errors are OSErrors: offline without a cache
+        raise UserError(f"could not load tiktoken's {BPE_ENCODING} encoding ({type(e).__name__}); offline, "
+                        "set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
+
+
+def tokenize(data, tokenization, encoding=None):
+    """
+    (token ids as a numpy array, UTF-8 bytes of the text they encode). For BPE
+    the bytes are decoded with invalid sequences replaced by U+FFFD, so the
+    count is of the text after replacement: what the tokens decode back to.
+    """
+    if tokenization == "bytes":
+        return np.frombuffer(data, dtype=np.uint8).copy(), len(data)
+    if tokenization == "bpe":
+        encoding = encoding or load_bpe()
+        text = data.decode("utf-8", errors="replace")
+        # encode_ordinary: a literal "<|endoftext|>" in the corpus is plain text, not the special token
+        ids = encoding.encode_ordinary(text)
+        return np.array(ids, dtype=TOKENIZATIONS["bpe"]), len(text.encode("utf-8"))
+    raise UserError(f"--tokenization={tokenization} is not one of {', '.join(TOKENIZATIONS)}")
+
+
+# ----------------------------------------------------------------------------
+# the whole job
+
+def dataset_name(config):
+    if config.name:
+        return config.name
+    stem = Path(config.input.split(",")[0]).stem if config.input else "default"
+    return f"{stem}_{config.tokenization}"
+
+
+def prepare(config):
+    """Write train.bin, val.bin and meta.json for the config; return the output folder."""
+    if config.tokenization not in TOKENIZATIONS:
+        raise UserError(f"--tokenization={config.tokenization} is not one of {', '.join(TOKENIZATIONS)}")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {config.val_fraction}")
+    data_dir = Path(config.data_dir) if config.data_dir else DATA_DIR
+
+    if config.input:
+        sources = [p for p in config.input.split(",") if p]
+        data, corpus = read_corpus(sources), ", ".join(Path(p).name for p in sources)
+    else:
+        data, corpus, sources = default_corpus(data_dir)
+    if not data:
+        raise UserError(f"the corpus ({corpus}) is empty: nothing to train on")
+
+    cut = split_point(data, config.val_fraction)
+    if cut == 0 or cut == len(data):
+        raise UserError(f"the corpus ({corpus}, {len(data)} bytes) is too small to split "
+                        f"with --val_fraction={config.val_fraction}")
+    encoding = load_bpe() if config.tokenization == "bpe" else None
+    train_ids, train_bytes = tokenize(data[:cut], config.tokenization, encoding)
+    val_ids, val_bytes = tokenize(data[cut:], config.tokenization, encoding)
+
+    meta = {
+        "tokenization": config.tokenization,
+        "vocab_size": encoding.n_vocab if encoding else BYTE_VOCAB,
+        "dtype": TOKENIZATIONS[config.tokenization],
+        "corpus": corpus,
+        "sources": [str(s) for s in sources],
+        "train_tokens": len(train_ids),
+        "val_tokens": len(val_ids),
+        "train_bytes": train_bytes,
+        "val_bytes": val_bytes,
+    }
+    if encoding:
+        meta["encoding"] = BPE_ENCODING
+    out_dir = data_dir / dataset_name(config)
+    write_atomic(out_dir / "train.bin", train_ids.tobytes())
+    write_atomic(out_dir / "val.bin", val_ids.tobytes())
+    # meta.json last: its presence means the binaries beside it are complete
+    write_atomic(out_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    return out_dir
+
+
+def expand_input_list(argv):
+    """Rewrite argparse's `--input a.txt b.txt` as `--input=a.txt,b.txt`, the form parse_config reads."""
+    args, i = [], 0
+    while i < len(argv):
+        end = i + 1
+        if argv[i] == "--input":  # a bare --input takes every following argument up to the next option
+            while end < len(argv) and not argv[end].startswith("-"):
+                end += 1
+        files = argv[i + 1:end]
+        args.append(f"--input={','.join(files)}" if files else argv[i])
+        i = end
+    return args
+
+
+def main(argv=None):
+    config = PrepareConfig()
+    parse_config([config], expand_input_list(sys.argv[1:] if argv is None else list(argv)), usage=__doc__)
+    out_dir = prepare(config)
+    meta = json.loads((out_dir / "meta.json").read_text())
+    print(f"corpus: {meta['corpus']} ({len(meta['sources'])} file{'s' * (len(meta['sources']) != 1)}), "
+          f"{meta['tokenization']} tokenization, vocab {meta['vocab_size']}")
+    for split in ("train", "val"):
+        print(f"{split:>5}: {meta[split + '_bytes']:,} bytes -> {meta[split + '_tokens']:,} tokens")
+    print(f"wrote {out_dir}/{{train.bin,val.bin,meta.json}}")
+    print(f"next: python train.py --dataset={out_dir.name}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,92 @@
+"""
+Generate text from a checkpoint written by train.py, streaming it as it comes.
+
+    python sample.py                                  # from out/ckpt.pt
+    python sample.py --prompt="ROMEO:" --max_new_tokens=300 --temperature=0.7
+    python sample.py --prompt=FILE:prompt.txt --num_samples=3
+
+Generation uses the KV cache: each new token costs one position's work, not
+a pass over the whole context. Bytes that do not form valid UTF-8 (a byte
+model can emit any byte) are shown as the replacement character.
+"""
+
+import codecs
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cli import UserError, parse_config, run
+from model import encode_text, load_checkpoint, model_from_checkpoint, token_byte_table
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = "out/ckpt.pt"
+    prompt: str = "\n"  # the text to continue; FILE:path reads it from a file
+    num_samples: int = 1
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 200  # sample among the k likeliest tokens; 0 = all
+    top_p: float = 1.0  # nucleus sampling: the likeliest tokens holding this much mass
+    use_cache: bool = True  # false recomputes the whole context every token (slow; for comparison)
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads for torch; 0 = every core
+
+
+def read_prompt(prompt):
+    if prompt.startswith("FILE:"):
+        path = Path(prompt[len("FILE:"):])
+        if not path.is_file():
+            raise UserError(f"prompt file {path} not found")
+        return path.read_text(encoding="utf-8")
+    return prompt
+
+
+def stream_sample(model, prompt_ids, table, config, generator, out=sys.stdout):
+    """Write one sample to out as it is generated; return the number of new tokens."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character until it completes
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    n_tokens = 0
+    for token in model.generate_stream(
+            idx, config.max_new_tokens, temperature=config.temperature, top_k=config.top_k or None,
+            top_p=config.top_p, use_cache=config.use_cache, generator=generator):
+        out.write(decoder.decode(table[token.item()]))
+        out.flush()
+        n_tokens += 1
+    out.write(decoder.decode(b"", final=True) + "\n")
+    out.flush()
+    return n_tokens
+
+
+def main(argv=None):
+    config = SampleConfig()
+    parse_config([config], sys.argv[1:] if argv is None else argv, usage=__doc__)
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(config.threads or os.cpu_count())
+    checkpoint = load_checkpoint(config.ckpt, device)
+    model = model_from_checkpoint(checkpoint).to(device)
+    tokenization = checkpoint["data_meta"]["tokenization"]
+    table = token_byte_table(tokenization)
+    prompt_ids = encode_text(tokenization, read_prompt(config.prompt))
+    if not prompt_ids:
+        raise UserError("the prompt is empty: pass --prompt=TEXT (the default is a newline)")
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    for i in range(config.num_samples):
+        sys.stdout.write(read_prompt(config.prompt))
+        t0 = time.perf_counter()
+        n_tokens = stream_sample(model, prompt_ids, table, config, generator)
+        elapsed = time.perf_counter() - t0
+        print(f"--- {n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:,.0f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main)

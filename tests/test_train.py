@@ -1,0 +1,219 @@
+"""train.py: configuration, data, bits per byte, the loop, checkpoints and resume."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from cli import UserError
+from data import prepare
+from model import GPT, GPTConfig, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a tiny model and a few steps: each run takes about a second on one thread
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+        "--eval_interval=10", "--eval_tokens=512", "--log_interval=5", "--threads=1", "--learning_rate=3e-3", "--warmup_iters=10"]
+
+
+@pytest.fixture(scope="module")
+def corpus_text():
+    # repetitive enough that a two-layer model learns it in a few dozen steps
+    rng = np.random.default_rng(0)
+    words = ["the ", "cat ", "sat ", "on ", "a ", "mat. ", "a ", "dog ", "ran\n"]
+    return "".join(rng.choice(words, size=6000)).encode()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, corpus_text):
+    folder = tmp_path_factory.mktemp("data")
+    text_file = folder / "tiny.txt"
+    text_file.write_bytes(corpus_text)
+    return str(prepare.prepare(prepare.PrepareConfig(input=str(text_file), data_dir=str(folder))))
+
+
+def run_train(dataset, out_dir, *args):
+    train.main(["--dataset=" + dataset, "--out_dir=" + str(out_dir), *TINY, *args])
+    return load_checkpoint(out_dir / "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------
+# configuration
+
+def test_unknown_key_names_the_closest():
+    with pytest.raises(UserError, match="did you mean --learning_rate"):
+        train.configure(["--learning_rat=1e-3"])
+
+
+def test_model_keys_override_the_preset():
+    config, model_config, _ = train.configure(["--preset=stlm-10m", "--n_layer=3", "--batch_size=2"])
+    assert (config.preset, config.batch_size) == ("stlm-10m", 2)
+    assert (model_config.n_layer, model_config.n_embd, model_config.ffn) == (3, 256, "swiglu")
+
+
+def test_bad_values_are_user_errors():
+    for args in (["--batch_size=many"], ["--compile=maybe"], ["--max_iters=0"], ["--preset=huge"]):
+        with pytest.raises(UserError):
+            train.configure(args)
+
+
+def test_help_lists_every_key():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for key in list(train.TrainConfig.__dataclass_fields__) + list(GPTConfig.__dataclass_fields__):
+        assert f"--{key}=" in result.stdout
+
+
+# ----------------------------------------------------------------------------
+# learning rate, bits per byte
+
+def test_learning_rate_schedule():
+    config = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert train.learning_rate(0, config) == pytest.approx(0.1)
+    assert train.learning_rate(9, config) == pytest.approx(1.0)
+    assert train.learning_rate(60, config) == pytest.approx(0.55)  # halfway down the cosine
+    assert train.learning_rate(110, config) == pytest.approx(0.1)
+    assert train.learning_rate(500, config) == pytest.approx(0.1)
+
+
+def test_bits_per_byte_by_hand():
+    # 3 predictions of 2 nats each over 4 bytes of text: 6 / (4 ln 2) bits per byte
+    assert train.bits_per_byte(6.0, 4) == pytest.approx(6 / (4 * math.log(2)))
+
+
+def uniform_model(vocab_size, block_size):
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=block_size, vocab_size=vocab_size))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: the uniform distribution
+    return model
+
+
+def test_evaluate_uniform_byte_model_is_8_bits_per_byte():
+    data = np.frombuffer(b"hello world, this is a test of eval" * 4, dtype=np.uint8)
+    token_bytes = torch.ones(256, dtype=torch.long)
+    result = train.evaluate(uniform_model(256, 8), data, token_bytes, block_size=8)
+    assert result["val_loss"] == pytest.approx(math.log(256))
+    assert result["val_bpb"] == pytest.approx(8.0)
+
+
+def test_evaluate_counts_the_bytes_of_each_predicted_token():
+    # vocabulary of 3 tokens covering 1, 2 and 5 bytes; uniform predictions cost ln 3 nats each
+    token_bytes = torch.tensor([1, 2, 5])
+    data = np.array([0, 1, 2, 2, 1, 0, 1, 1, 2], dtype=np.uint16)  # windows of 4: targets are data[1:9]
+    result = train.evaluate(uniform_model(3, 4), data, token_bytes, block_size=4)
+    predicted_bytes = 2 + 5 + 5 + 2 + 1 + 2 + 2 + 5
+    assert result["val_bpb"] == pytest.approx(8 * math.log(3) / (math.log(2) * predicted_bytes))
+
+
+# ----------------------------------------------------------------------------
+# training
+
+def test_training_lowers_the_loss_and_logs(dataset, tmp_path):
+    checkpoint = run_train(dataset, tmp_path, "--max_iters=60")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r for r in records if "val_bpb" in r]
+    assert losses[0] > 5.0  # near ln 256 = 5.55: a uniform guess over bytes
+    assert evals[-1]["val_loss"] < 2.6  # below half of that in 60 steps
+    assert [r["step"] for r in evals] == [10, 20, 30, 40, 50, 60]
+    assert evals[-1]["val_bpb"] < evals[0]["val_bpb"]
+    assert all(r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    assert checkpoint["step"] == 60 and checkpoint["data_meta"]["tokenization"] == "bytes"
+
+
+def test_resume_matches_an_uninterrupted_run(dataset, tmp_path):
+    straight = run_train(dataset, tmp_path / "straight", "--max_iters=30", "--dropout=0.1")
+    # the same schedule (decay over 30 steps), stopped at 15 and resumed
+    run_train(dataset, tmp_path / "split", "--max_iters=15", "--lr_decay_iters=30", "--dropout=0.1")
+    train.main(["--out_dir=" + str(tmp_path / "split"), "--resume", "--max_iters=30"])
+    resumed = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    assert resumed["step"] == 30
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert torch.equal(straight["rng"]["batches"], resumed["rng"]["batches"])
+
+
+def test_interrupt_saves_a_checkpoint_to_resume_from(dataset, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupting_loss(model, x, y):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return train.language_model_loss(model, x, y)
+
+    config, model_config, _ = train.configure(["--dataset=" + dataset, "--out_dir=" + str(tmp_path), *TINY])
+    data = train.load_dataset(config.dataset, model_config.block_size)
+    model_config.vocab_size = data.meta["vocab_size"]
+    model = GPT(model_config)
+    optimizer = train.make_optimizer(model, config, "cpu")
+    state = train.TrainState(step=0, batch_generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SystemExit):
+        train.train_loop(model, optimizer, data, config, state, "cpu", loss_fn=interrupting_loss)
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
+
+
+# ----------------------------------------------------------------------------
+# bad input: one clear line, never a traceback
+
+def test_corpus_shorter_than_the_context(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_bytes(b"just a few bytes of text here\n" * 2)
+    folder = prepare.prepare(prepare.PrepareConfig(input=str(text), data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="fewer than the context"):
+        train.load_dataset(str(folder), block_size=64)
+
+
+def test_missing_dataset(tmp_path):
+    with pytest.raises(UserError, match="data/prepare.py"):
+        train.load_dataset(str(tmp_path / "nothing"), block_size=8)
+
+
+def test_resume_refuses_model_keys_and_damaged_checkpoints(tmp_path):
+    with pytest.raises(UserError, match="drop --n_layer"):
+        train.configure(["--resume", "--n_layer=3", "--out_dir=" + str(tmp_path)])
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        train.configure(["--resume", "--out_dir=" + str(tmp_path)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.py", "--batch_sise=4"], "did you mean --batch_size"),
+    (["train.py", "--dataset=no_such_data"], "run python data/prepare.py"),
+    (["train.py", "--resume", "--out_dir=no_such_run"], "no checkpoint"),
+    (["sample.py", "--ckpt=FOREIGN"], "not a checkpoint written by this project"),
+    (["data/prepare.py", "--input=EMPTY"], "is empty"),
+])
+def test_scripts_print_one_line_errors(tmp_path, args, message):
+    foreign, empty = tmp_path / "foreign.pt", tmp_path / "empty.txt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    empty.write_bytes(b"")
+    args = [a.replace("FOREIGN", str(foreign)).replace("EMPTY", str(empty)) for a in args]
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# end to end, as a user runs it
+
+def test_prepare_train_sample_end_to_end(tmp_path, corpus_text):
+    (tmp_path / "tiny.txt").write_bytes(corpus_text)
+    commands = [
+        ["data/prepare.py", f"--input={tmp_path / 'tiny.txt'}", f"--data_dir={tmp_path}"],
+        ["train.py", f"--dataset={tmp_path / 'tiny_bytes'}", f"--out_dir={tmp_path / 'out'}", *TINY, "--max_iters=40"],
+        ["sample.py", f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--prompt=the ", "--max_new_tokens=40", "--threads=1"],
+    ]
+    outputs = [subprocess.run([sys.executable, *c], cwd=ROOT, capture_output=True, text=True) for c in commands]
+    for command, result in zip(commands, outputs):
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    assert "bits per byte" in outputs[1].stdout
+    sample, stats = outputs[2].stdout, outputs[2].stderr
+    assert sample.startswith("the ") and len(sample) > 20
+    assert "tokens/s" in stats
