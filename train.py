@@ -71,10 +71,14 @@ class TrainConfig:
 # ----------------------------------------------------------------------------
 # configuration
 
-def configure(argv):
-    """Train and model configs from the command line; on --resume the model's comes from the checkpoint."""
+def configure(argv, extra_configs=(), usage=__doc__):
+    """
+    Train and model configs from the command line; on --resume the model's
+    comes from the checkpoint. extra_configs (a caller's own dataclasses, as
+    distill.py has) are filled from the same arguments.
+    """
     config, model_args = TrainConfig(), GPTConfig()
-    assigned = parse_config([config, model_args], argv, usage=__doc__)
+    assigned = parse_config([config, model_args, *extra_configs], argv, usage=usage)
     model_keys = {f.name for f in dataclasses.fields(GPTConfig)}
     model_overrides = {k: v for k, v in assigned.items() if k in model_keys}
     checkpoint = None
@@ -83,7 +87,8 @@ def configure(argv):
             raise UserError(f"--resume takes the model's shape from the checkpoint; drop --{next(iter(model_overrides))}")
         checkpoint = load_checkpoint(Path(config.out_dir) / CHECKPOINT_NAME)
         # the stored run's settings, except what this command line changes (e.g. a longer --max_iters)
-        config = TrainConfig(**{**checkpoint["train_config"], **assigned})
+        train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{**checkpoint["train_config"], **{k: v for k, v in assigned.items() if k in train_keys}})
         model_config = GPTConfig(**checkpoint["model_config"])
     else:
         model_config = preset_config(config.preset, **model_overrides)
@@ -204,12 +209,47 @@ def language_model_loss(model, x, y):
 
 
 # ----------------------------------------------------------------------------
-# state: everything a resume needs to continue bit for bit
+# processes: one, or one per device under torchrun
+
+@dataclass
+class Distributed:
+    rank: int = 0  # this process among all of them
+    local_rank: int = 0  # this process on its machine: picks the GPU
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0  # the only process that logs, evaluates and writes checkpoints
+
+
+def init_distributed(device):
+    """Join the process group when torchrun started us (it sets RANK and friends); else a single process."""
+    if "RANK" not in os.environ:
+        return Distributed()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    return Distributed(torch.distributed.get_rank(), int(os.environ["LOCAL_RANK"]), torch.distributed.get_world_size())
+
+
+# ----------------------------------------------------------------------------
+# randomness: derived from (seed, step, micro-batch), never carried as state
+
+def micro_batch_seed(seed, step, micro_batch):
+    """
+    The seed of one micro-batch's data and dropout. Because every random draw
+    is a function of where it happens, a resumed run, or a run split over any
+    number of processes, draws exactly what an uninterrupted single process
+    would: the step is the whole data position.
+    """
+    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1, np.uint64)[0])
+
+
+# ----------------------------------------------------------------------------
+# checkpoints: everything a resume needs to continue bit for bit
 
 @dataclass
 class TrainState:
-    step: int
-    batch_generator: torch.Generator  # the data position: which windows come next
+    step: int = 0  # optimizer steps done; with the seed it fixes the data and RNG position
 
 
 def make_checkpoint(model, optimizer, config, state, meta):
@@ -219,11 +259,6 @@ def make_checkpoint(model, optimizer, config, state, meta):
         "optimizer": optimizer.state_dict(),
         "train_config": dataclasses.asdict(config),
         "step": state.step,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "batches": state.batch_generator.get_state(),
-        },
         "data_meta": meta,
     }
 
@@ -232,10 +267,6 @@ def restore(checkpoint, model, optimizer, state):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     state.step = checkpoint["step"]
-    state.batch_generator.set_state(checkpoint["rng"]["batches"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
 
 def log_metrics(out_dir, record):
@@ -246,46 +277,67 @@ def log_metrics(out_dir, record):
 # ----------------------------------------------------------------------------
 # the loop
 
-def train_loop(model, optimizer, dataset, config, state, device, loss_fn=language_model_loss):
+def train_loop(model, optimizer, dataset, config, state, device, loss_fn=language_model_loss, batch_fn=get_batch,
+               dist=Distributed()):
     """
     Run optimizer steps from state.step to config.max_iters, evaluating and
-    checkpointing every eval_interval steps and at the end. loss_fn(model, x, y)
-    returns (loss, extra metrics); extra metrics are logged with the loss.
+    checkpointing every eval_interval steps and at the end.
+    batch_fn(data, batch_size, block_size, generator, device) returns (x, y);
+    loss_fn(model, x, y) returns (loss, extra metrics), both averaged over the
+    step's micro-batches and logged. distill.py passes its own: y may then
+    carry the teacher's targets.
+    With several processes each runs grad_accum / world_size of the step's
+    micro-batches; gradients are averaged once per step.
     """
     raw_model = model
     if config.compile:
         model = torch.compile(model)
+    eval_model = model  # evaluation runs on the main process only, outside DDP's collective calls
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
     autocast = contextlib.nullcontext()
     if device.startswith("cuda"):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     block_size = raw_model.config.block_size
+    local_accum = config.grad_accum // dist.world_size
+    first_micro_batch = dist.rank * local_accum  # this process's share of the step's micro-batches
     tokens_per_step = config.batch_size * config.grad_accum * block_size
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     def save():
         save_checkpoint(make_checkpoint(raw_model, optimizer, config, state, dataset.meta), out_dir / CHECKPOINT_NAME)
 
     def run_eval():
-        result = evaluate(model, dataset.val, dataset.token_bytes, block_size, config.eval_tokens, autocast=autocast)
+        result = evaluate(eval_model, dataset.val, dataset.token_bytes, block_size, config.eval_tokens, autocast=autocast)
         log_metrics(out_dir, {"step": state.step, **result})
         tqdm.write(f"step {state.step}: val loss {result['val_loss']:.4f}, val {result['val_bpb']:.4f} bits per byte")
         return result
 
     model.train()
     result = None
-    progress = tqdm(total=config.max_iters, initial=state.step, unit="step", dynamic_ncols=True)
+    progress = tqdm(total=config.max_iters, initial=state.step, unit="step", dynamic_ncols=True, disable=not dist.is_main)
     t_last, step_last = time.perf_counter(), state.step
     try:
         while state.step < config.max_iters:
             lr = learning_rate(state.step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(config.grad_accum):
-                x, y = get_batch(dataset.train, config.batch_size, block_size, state.batch_generator, device)
-                with autocast:
-                    loss, extra = loss_fn(model, x, y)
-                (loss / config.grad_accum).backward()
+            totals = {}  # loss and extra metrics summed over this process's micro-batches
+            for i in range(local_accum):
+                seed = micro_batch_seed(config.seed, state.step, first_micro_batch + i)
+                x, y = batch_fn(dataset.train, config.batch_size, block_size, torch.Generator().manual_seed(seed), device)
+                torch.manual_seed(seed)  # dropout
+                # only the last micro-batch's backward averages gradients across processes
+                sync = dist.world_size == 1 or i == local_accum - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast:
+                        loss, extra = loss_fn(model, x, y)
+                    (loss / local_accum).backward()
+                for key, value in {"loss": loss, **extra}.items():
+                    totals[key] = totals.get(key, 0.0) + torch.as_tensor(value).detach().float()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
             optimizer.step()
@@ -294,32 +346,50 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
             progress.update(1)
 
             if state.step % config.log_interval == 0 or state.step == config.max_iters:
+                means = torch.stack(list(totals.values())) / config.grad_accum
+                if dist.world_size > 1:
+                    torch.distributed.all_reduce(means)  # sums the processes' shares into the step's mean
                 now = time.perf_counter()
                 tokens_per_s = tokens_per_step * (state.step - step_last) / (now - t_last)
                 t_last, step_last = now, state.step
-                record = {"step": state.step, "loss": loss.item(), "lr": lr, "tokens_per_s": round(tokens_per_s)}
-                record.update({k: float(v) for k, v in extra.items()})
-                log_metrics(out_dir, record)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if state.step % config.eval_interval == 0 or state.step == config.max_iters:
+                record = {"step": state.step, **dict(zip(totals, means.tolist())), "lr": lr,
+                          "tokens_per_s": round(tokens_per_s)}
+                if dist.is_main:
+                    log_metrics(out_dir, record)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            if (state.step % config.eval_interval == 0 or state.step == config.max_iters) and dist.is_main:
                 result = run_eval()
                 save()
                 t_last, step_last = time.perf_counter(), state.step  # evaluation time is not training throughput
     except KeyboardInterrupt:
         progress.close()
-        save()
-        print(f"interrupted at step {state.step}: saved {out_dir / CHECKPOINT_NAME}; continue with --resume")
+        if dist.is_main:
+            save()
+            print(f"interrupted at step {state.step}: saved {out_dir / CHECKPOINT_NAME}; continue with --resume")
         sys.exit(130)
     progress.close()
     return result
 
 
-def main(argv=None):
-    config, model_config, checkpoint = configure(sys.argv[1:] if argv is None else argv)
+def setup(config, model_config, checkpoint=None):
+    """
+    Processes, device, data, model, optimizer and loop state for a run,
+    restored from the checkpoint when resuming. Returns (dist, device,
+    dataset, model, optimizer, state).
+    """
     device = pick_device(config.device)
+    dist = init_distributed(device)
+    if config.grad_accum % dist.world_size:
+        raise UserError(f"--grad_accum={config.grad_accum} micro-batches per step cannot be split over "
+                        f"{dist.world_size} processes: make it a multiple of {dist.world_size}")
     if device == "cpu":
-        torch.set_num_threads(config.threads or os.cpu_count())
+        # processes on one machine share its cores
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(config.threads or max(1, os.cpu_count() // local_processes))
     else:
+        if dist.world_size > 1:
+            device = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dataset = load_dataset(config.dataset, model_config.block_size)
@@ -328,21 +398,38 @@ def main(argv=None):
     elif model_config.vocab_size != dataset.meta["vocab_size"]:
         raise UserError(f"the checkpoint's vocabulary ({model_config.vocab_size}) does not match "
                         f"{config.dataset}'s ({dataset.meta['vocab_size']}): resume on the data it was trained on")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights in every process
     model = GPT(model_config).to(device)
     optimizer = make_optimizer(model, config, device)
-    state = TrainState(step=0, batch_generator=torch.Generator().manual_seed(config.seed))
+    state = TrainState()
     if checkpoint is not None:
         restore(checkpoint, model, optimizer, state)
-        print(f"resuming from step {state.step} of {config.max_iters}")
-    counts = model.num_params()
-    print(f"model: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head, {counts['core']:,} core); "
-          f"data: {config.dataset} ({dataset.meta['tokenization']}, {len(dataset.train):,} train tokens); device: {device}")
+    if dist.is_main:
+        if checkpoint is not None:
+            print(f"resuming from step {state.step} of {config.max_iters}")
+        counts = model.num_params()
+        print(f"model: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head, {counts['core']:,} core); "
+              f"data: {config.dataset} ({dataset.meta['tokenization']}, {len(dataset.train):,} train tokens); "
+              f"device: {device}" + (f" x {dist.world_size} processes" if dist.world_size > 1 else ""))
+    return dist, device, dataset, model, optimizer, state
+
+
+def report(result, config, seconds):
+    print(f"done in {seconds:.1f} s: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte; "
+          f"checkpoint {Path(config.out_dir) / CHECKPOINT_NAME}")
+
+
+def main(argv=None):
+    config, model_config, checkpoint = configure(sys.argv[1:] if argv is None else argv)
+    dist, device, dataset, model, optimizer, state = setup(config, model_config, checkpoint)
     t0 = time.perf_counter()
-    result = train_loop(model, optimizer, dataset, config, state, device)
+    try:
+        result = train_loop(model, optimizer, dataset, config, state, device, dist=dist)
+    finally:
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()
     if result is not None:
-        print(f"done in {time.perf_counter() - t0:.1f} s: val loss {result['val_loss']:.4f}, "
-              f"{result['val_bpb']:.4f} bits per byte; checkpoint {Path(config.out_dir) / CHECKPOINT_NAME}")
+        report(result, config, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

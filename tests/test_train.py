@@ -136,7 +136,6 @@ def test_resume_matches_an_uninterrupted_run(dataset, tmp_path):
     assert resumed["step"] == 30
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    assert torch.equal(straight["rng"]["batches"], resumed["rng"]["batches"])
 
 
 def test_interrupt_saves_a_checkpoint_to_resume_from(dataset, tmp_path, monkeypatch):
@@ -153,7 +152,7 @@ def test_interrupt_saves_a_checkpoint_to_resume_from(dataset, tmp_path, monkeypa
     model_config.vocab_size = data.meta["vocab_size"]
     model = GPT(model_config)
     optimizer = train.make_optimizer(model, config, "cpu")
-    state = train.TrainState(step=0, batch_generator=torch.Generator().manual_seed(0))
+    state = train.TrainState()
     with pytest.raises(SystemExit):
         train.train_loop(model, optimizer, data, config, state, "cpu", loss_fn=interrupting_loss)
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
