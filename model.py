@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import reparam
 from cli import UserError
 
 CHECKPOINT_FORMAT = "stlm-checkpoint"
@@ -47,7 +48,7 @@ class GPTConfig:
     n_head: int = 4
     n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 = n_head
     n_embd: int = 128
-    ffn: str = "gelu"  # gelu | swiglu
+    ffn: str = "gelu"  # gelu | swiglu | linear (one d x d matrix) | rep_linear | rep_parallel | rep_anneal (reparam.py)
     ffn_hidden: int = 0  # 0 = 4 * n_embd for gelu, about 8/3 * n_embd for swiglu
     norm: str = "layernorm"  # layernorm | rmsnorm
     pos: str = "learned"  # learned | rope
@@ -57,6 +58,10 @@ class GPTConfig:
     tie_embeddings: bool = True  # output head shares the input embedding's matrix
     block_repeat: int = 1  # MobileLLM: each block is applied this many times in a row
     share_ffn: bool = False  # STLM: every layer uses the same feed-forward block
+    anneal_fraction: float = 0.5  # rep_anneal: share of hidden channels whose GELU is annealed to the identity
+    anneal_iters: int = 1000  # rep_anneal: training steps until those channels are exactly linear
+    ffn_merged: bool = False  # set by reparam.py: the rep_* FFN is merged into its inference form
+    ffn_norm_folded: bool = False  # set by reparam.py: ln_2's scale and shift are folded into the FFN
 
     @property
     def head_dim(self):
@@ -78,7 +83,8 @@ class GPTConfig:
 
     def validate(self):
         """Raise a UserError naming the first inconsistent setting."""
-        choices = {"ffn": ("gelu", "swiglu"), "norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope")}
+        choices = {"ffn": ("gelu", "swiglu", *reparam.FFN_TYPES), "norm": ("layernorm", "rmsnorm"),
+                   "pos": ("learned", "rope")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{key}={getattr(self, key)} is not one of {', '.join(allowed)}")
@@ -93,6 +99,7 @@ class GPTConfig:
             raise UserError(f"rotary positions need an even head size, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        reparam.check_config(self)
 
 
 # Named shapes. `cpu-tiny` is nanoGPT's documented CPU shape; the stlm-* presets
@@ -112,10 +119,11 @@ def preset_config(name, **overrides):
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
-def make_norm(config):
+def make_norm(config, affine=True):
+    # affine=False: a norm whose scale and shift were folded into the next layer
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=NORM_EPS)
-    return nn.LayerNorm(config.n_embd, eps=NORM_EPS, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=NORM_EPS, elementwise_affine=affine)
+    return nn.LayerNorm(config.n_embd, eps=NORM_EPS, elementwise_affine=affine, bias=config.bias)
 
 
 def rotary_tables(config):
@@ -216,6 +224,8 @@ class SwiGLU(nn.Module):
 
 
 def make_ffn(config):
+    if config.ffn in reparam.FFN_TYPES:
+        return reparam.make_ffn(config)  # the linear and reparameterizable FFNs live with their merge math
     return SwiGLU(config) if config.ffn == "swiglu" else MLP(config)
 
 
@@ -224,7 +234,7 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = make_norm(config)
+        self.ln_2 = make_norm(config, affine=not config.ffn_norm_folded)
         self.mlp = ffn
 
     def forward(self, x, rotary=None, cache=None, slot=0):
@@ -272,6 +282,12 @@ class GPT(nn.Module):
         embedding = sum(p.numel() for p in self.parameters() if id(p) in embedding_params)
         total = sum(p.numel() for p in self.parameters())
         return {"embedding": embedding, "core": total - embedding, "total": total}
+
+    def set_step(self, steps_done):
+        """Tell modules that follow the training schedule (reparam's annealed FFN) how many steps are done."""
+        for module in self.modules():
+            if isinstance(module, reparam.RepAnnealFFN):
+                module.steps_done.fill_(steps_done)
 
     def hidden_states(self, idx, cache=None):
         """Final-norm outputs (B, T, n_embd) for token ids idx (B, T), continuing `cache` if given."""
@@ -351,7 +367,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         sorted_logits, order = torch.sort(logits, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        beyond_nucleus = mass_before >= top_p
+        beyond_nucleus[:, 0] = False  # the likeliest token always stays, even at top_p=0
+        sorted_logits = sorted_logits.masked_fill(beyond_nucleus, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
@@ -373,7 +391,9 @@ def encode_text(tokenization, text):
         return list(text.encode("utf-8"))
     if tokenization == "bpe":
         return _gpt2_encoding().encode_ordinary(text)
-    raise UserError(f"unknown tokenization {tokenization!r}: expected bytes or bpe")
+    if tokenization.startswith(HF_PREFIX):
+        return _hf_tokenizer(tokenization).encode(text, add_special_tokens=False)
+    raise UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe or hf:<tokenizer folder>")
 
 
 def token_byte_table(tokenization):
@@ -387,7 +407,47 @@ def token_byte_table(tokenization):
     if tokenization == "bpe":
         encoding = _gpt2_encoding()
         return [encoding.decode_single_token_bytes(i) for i in range(encoding.n_vocab)]
-    raise UserError(f"unknown tokenization {tokenization!r}: expected bytes or bpe")
+    if tokenization.startswith(HF_PREFIX):
+        return _hf_token_bytes(_hf_tokenizer(tokenization))
+    raise UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe or hf:<tokenizer folder>")
+
+
+# A Hugging Face tokenizer from a local folder (a teacher's, for distill.py):
+# data/prepare.py records it as "hf:<folder>", the name these functions take.
+HF_PREFIX = "hf:"
+
+
+def _hf_tokenizer(tokenization):
+    try:
+        from transformers import AutoTokenizer  # only hf tokenizations need it
+    except ImportError:
+        raise UserError(f"tokenization {tokenization!r} needs transformers: pip install transformers") from None
+    folder = Path(tokenization[len(HF_PREFIX):])
+    if not folder.exists():
+        raise UserError(f"tokenizer folder {folder} not found (tokenization {tokenization!r})")
+    if folder.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(folder.parent, gguf_file=folder.name)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _hf_token_bytes(tokenizer):
+    """
+    The bytes of every id in len(tokenizer). Byte-level BPE (GPT-2, SmolLM2)
+    writes each byte as one printable character: map them back. Other
+    tokenizers decode token by token. A special token found in the corpus
+    (a literal "<|endoftext|>") stands for its own text.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte <-> character map
+    char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    table = []
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if piece is None:
+            table.append(b"")
+        elif all(c in char_to_byte for c in piece):
+            table.append(bytes(char_to_byte[c] for c in piece))
+        else:
+            table.append(tokenizer.decode([i]).encode("utf-8"))
+    return table
 
 
 # ----------------------------------------------------------------------------
@@ -398,7 +458,7 @@ def save_checkpoint(checkpoint, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}, tmp)
+    torch.save({**checkpoint, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}, tmp)
     os.replace(tmp, path)
 
 
@@ -415,6 +475,8 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"{path} is not a checkpoint written by this project (no '{CHECKPOINT_FORMAT}' marker)")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} has checkpoint version {checkpoint.get('version')}, this code reads {CHECKPOINT_VERSION}")
+    if "model" not in checkpoint or "model_config" not in checkpoint:
+        raise UserError(f"{path} holds no model (no 'model' and 'model_config' entries)")
     return checkpoint
 
 

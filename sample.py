@@ -67,6 +67,8 @@ def stream_sample(model, prompt_ids, table, config, generator, out=sys.stdout):
 def main(argv=None):
     config = SampleConfig()
     parse_config([config], sys.argv[1:] if argv is None else argv, usage=__doc__)
+    if config.temperature < 0 or config.top_k < 0 or not 0 <= config.top_p <= 1 or config.max_new_tokens < 0:
+        raise UserError("sampling needs --temperature >= 0, --top_k >= 0, 0 <= --top_p <= 1 and --max_new_tokens >= 0")
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -317,6 +317,7 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
         return result
 
     model.train()
+    raw_model.set_step(state.step)
     result = None
     progress = tqdm(total=config.max_iters, initial=state.step, unit="step", dynamic_ncols=True, disable=not dist.is_main)
     t_last, step_last = time.perf_counter(), state.step
@@ -343,6 +344,7 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            raw_model.set_step(state.step)
             progress.update(1)
 
             if state.step % config.log_interval == 0 or state.step == config.max_iters:

@@ -1,0 +1,708 @@
+"""
+Tests for model.py: shapes, causality, the KV cache against full recompute,
+tying and sharing, preset sizes, a Hugging Face GPT-2 reference on copied
+weights, sampling, config validation, checkpoints and the token byte tables.
+
+Every model here is tiny (2-3 layers, width 32-64, context 16-32) so the whole
+file runs in seconds on one thread.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from cli import UserError
+from model import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    GPT,
+    PRESETS,
+    GPTConfig,
+    KVCache,
+    apply_rotary,
+    encode_text,
+    load_checkpoint,
+    model_from_checkpoint,
+    preset_config,
+    sample_next,
+    save_checkpoint,
+    token_byte_table,
+)
+
+VOCAB = 101  # not a power of two, not 256: catches a vocabulary size hard-coded anywhere
+
+
+def tiny_config(**overrides):
+    base = dict(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32)
+    return GPTConfig(**{**base, **overrides})
+
+
+def tiny_model(**overrides):
+    return GPT(tiny_config(**overrides)).eval()
+
+
+def lively_model(**overrides):
+    """
+    A tiny model with large random weights. At GPT-2's small init, greedy decoding
+    soon repeats one token forever, and a test of what the model conditions on
+    then passes whatever the context is; large weights make the output depend on it.
+    """
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def random_ids(B, T, vocab=VOCAB):
+    return torch.randint(0, vocab, (B, T))
+
+
+# the architectural knobs, each on its own and all together
+VARIANTS = {
+    "learned-gelu-layernorm": {},
+    "bias": dict(bias=True),
+    "rope": dict(pos="rope"),
+    "swiglu": dict(ffn="swiglu"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "gqa": dict(n_kv_head=2),
+    "mqa-rope": dict(n_kv_head=1, pos="rope"),
+    "block_repeat": dict(block_repeat=2),
+    "share_ffn": dict(share_ffn=True),
+    "stlm-like": dict(pos="rope", ffn="swiglu", norm="rmsnorm", n_kv_head=2, block_repeat=2, share_ffn=True),
+}
+VARIANT_PARAMS = [pytest.param(v, id=k) for k, v in VARIANTS.items()]
+CACHE_VARIANTS = [pytest.param(VARIANTS[k], id=k) for k in ("learned-gelu-layernorm", "rope", "gqa", "mqa-rope",
+                                                            "block_repeat", "stlm-like")]
+
+
+# ----------------------------------------------------------------------------
+# 1. shapes and the initial loss
+
+@pytest.mark.parametrize("variant", VARIANT_PARAMS)
+def test_logits_shape_and_initial_loss(variant):
+    model = tiny_model(**variant)
+    idx, targets = random_ids(3, 20), random_ids(3, 20)
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+        logits_only, no_loss = model(idx)
+    assert logits.shape == (3, 20, VOCAB)
+    assert no_loss is None
+    assert torch.equal(logits, logits_only)
+    assert loss.shape == () and loss.dtype == torch.float32
+    # small random init: the predictions are nearly uniform
+    assert abs(loss.item() - math.log(VOCAB)) < 0.1, loss.item()
+    assert model.hidden_states(idx).shape == (3, 20, 32)
+
+
+def test_loss_ignores_targets_of_minus_one():
+    model = tiny_model()
+    idx, targets = random_ids(2, 10), random_ids(2, 10)
+    masked = targets.clone()
+    masked[:, :4] = -1
+    with torch.no_grad():
+        logits, loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].flatten(0, 1), targets[:, 4:].flatten())
+    torch.testing.assert_close(loss, expected)
+
+
+def test_full_context_works_and_longer_is_refused():
+    model = tiny_model(block_size=16)
+    with torch.no_grad():
+        assert model(random_ids(1, 16))[0].shape == (1, 16, VOCAB)
+        with pytest.raises(ValueError, match="block_size"):
+            model(random_ids(1, 17))
+        cache = KVCache(model.config, 1, "cpu", torch.float32)
+        model.hidden_states(random_ids(1, 10), cache)
+        with pytest.raises(ValueError, match="block_size"):
+            model.hidden_states(random_ids(1, 7), cache)  # 10 cached + 7 new > 16
+
+
+# ----------------------------------------------------------------------------
+# 2. causality: a token never influences the logits before it
+
+@pytest.mark.parametrize("variant", VARIANT_PARAMS)
+def test_causal_future_tokens_do_not_leak(variant):
+    model = tiny_model(**variant)
+    T = 12
+    idx = random_ids(2, T)
+    with torch.no_grad():
+        base = model(idx)[0]
+        for t in (0, 1, 5, T - 1):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1 + torch.arange(2)) % VOCAB
+            out = model(changed)[0]
+            assert torch.equal(out[:, :t], base[:, :t]), f"position < {t} saw token {t}"
+            assert (out[:, t] - base[:, t]).abs().max() > 1e-4, f"position {t} ignores its own token"
+            if t + 1 < T:
+                assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-4, f"later positions ignore token {t}"
+
+
+@pytest.mark.parametrize("variant", VARIANT_PARAMS)
+def test_batch_rows_are_independent(variant):
+    model = tiny_model(**variant)
+    idx = random_ids(2, 10)
+    changed = idx.clone()
+    changed[1] = random_ids(1, 10)[0]
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------
+# 3. the KV cache gives what a full recompute gives
+
+@pytest.mark.parametrize("variant", CACHE_VARIANTS)
+def test_cache_in_pieces_matches_full_forward(variant):
+    model = tiny_model(**variant)
+    T = 12
+    idx = random_ids(2, T)
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    with torch.no_grad():
+        full_states = model.hidden_states(idx)
+        full_logits = model(idx)[0]
+        # a prefix of 5, a chunk of 3 (the offset-mask path), then single tokens
+        pieces = [model.hidden_states(idx[:, :5], cache), model.hidden_states(idx[:, 5:8], cache)]
+        assert cache.length == 8
+        pieces += [model.hidden_states(idx[:, t:t + 1], cache) for t in range(8, T)]
+    assert cache.length == T
+    states = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(states, full_states, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.lm_head(states), full_logits, atol=1e-5, rtol=0)
+
+
+def test_cache_slots_and_heads():
+    config = tiny_config(n_layer=3, block_repeat=2, n_head=4, n_kv_head=2, block_size=16)
+    cache = KVCache(config, 5, "cpu", torch.float32)
+    # one slot per block application; grouped-query attention stores only the kv heads
+    assert cache.k.shape == (3 * 2, 5, 2, 16, 32 // 4)
+    assert cache.v.shape == cache.k.shape
+    assert cache.length == 0
+
+
+def greedy_reference(model, idx, steps):
+    """Greedy decoding the plain way: the whole prefix through model(idx) at every step."""
+    for _ in range(steps):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("variant", CACHE_VARIANTS)
+def test_greedy_generation_with_cache_equals_without(variant):
+    model = lively_model(block_size=16, **variant)
+    prompt = random_ids(2, 5)
+    # 60 new tokens: the 16-token window fills and is rebuilt several times
+    with_cache = model.generate(prompt, 60, temperature=0, use_cache=True)
+    without = model.generate(prompt, 60, temperature=0, use_cache=False)
+    assert with_cache.shape == (2, 65)
+    assert torch.equal(with_cache[:, :5], prompt)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("variant", CACHE_VARIANTS)
+def test_greedy_generation_within_context_equals_plain_loop(variant):
+    model = lively_model(block_size=16, **variant)
+    prompt = random_ids(2, 4)
+    with torch.no_grad():
+        expected = greedy_reference(model, prompt, 12)  # 16 tokens in all: never past the context
+    for use_cache in (True, False):
+        assert torch.equal(model.generate(prompt, 12, temperature=0, use_cache=use_cache), expected)
+
+
+def test_generation_from_a_prompt_longer_than_the_context():
+    model = lively_model(block_size=16)
+    prompt = random_ids(1, 40)
+    out = model.generate(prompt, 20, temperature=0, use_cache=True)
+    assert torch.equal(out[:, :40], prompt)
+    assert torch.equal(out, model.generate(prompt, 20, temperature=0, use_cache=False))
+    # the first new token conditions on the last block_size tokens of the prompt
+    with torch.no_grad():
+        first = model(prompt[:, -16:])[0][:, -1].argmax(dim=-1)
+    assert out[0, 40] == first[0]
+
+
+def test_long_generation_conditions_on_the_documented_window():
+    """Past the context, the window restarts from its newest half (generate_stream's docstring)."""
+    block_size = 16
+    keep = block_size - block_size // 2
+    model = lively_model(block_size=block_size)
+    prompt = random_ids(1, 5)
+    out = model.generate(prompt, 40, temperature=0, use_cache=True)
+    window = prompt
+    with torch.no_grad():
+        for t in range(5, 45):
+            next_token = model(window)[0][:, -1].argmax(dim=-1, keepdim=True)
+            assert next_token.item() == out[0, t].item(), f"token {t}"
+            window = torch.cat([window, next_token], dim=1)
+            if window.size(1) > block_size:
+                window = window[:, -keep:]
+
+
+@pytest.mark.parametrize("variant", CACHE_VARIANTS)
+def test_sampled_generation_with_cache_equals_without(variant):
+    model = lively_model(block_size=16, **variant)
+    prompt = random_ids(2, 3)
+    runs = {}
+    for use_cache in (True, False):
+        generator = torch.Generator().manual_seed(1234)
+        runs[use_cache] = model.generate(prompt, 40, temperature=1.0, top_k=50, top_p=0.95,
+                                         use_cache=use_cache, generator=generator)
+    assert torch.equal(runs[True], runs[False])
+    other = model.generate(prompt, 40, temperature=1.0, generator=torch.Generator().manual_seed(99))
+    assert not torch.equal(other, runs[True])  # the seed matters: it really samples
+
+
+def test_generate_stream_yields_one_token_per_row():
+    model = lively_model(block_size=16)
+    prompt = random_ids(3, 4)
+    steps = list(model.generate_stream(prompt, 7, temperature=0))
+    assert len(steps) == 7 and all(s.shape == (3, 1) for s in steps)
+    assert torch.equal(torch.cat([prompt, *steps], dim=1), model.generate(prompt, 7, temperature=0))
+
+
+# ----------------------------------------------------------------------------
+# 4. tied embeddings
+
+def test_tied_embeddings_share_storage_and_count_once():
+    tied, untied = tiny_model(), tiny_model(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.wte.weight
+    assert tied.lm_head.weight.data_ptr() == tied.wte.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
+    n_tied, n_untied = tied.num_params(), untied.num_params()
+    all_unique = {p.data_ptr(): p.numel() for p in tied.parameters()}
+    assert n_tied["total"] == sum(all_unique.values())
+    assert n_untied["total"] - n_tied["total"] == VOCAB * 32
+    assert n_untied["core"] == n_tied["core"]
+    # embedding = token table (+ head when untied) + learned positions
+    assert n_tied["embedding"] == VOCAB * 32 + 32 * 32
+    assert n_untied["embedding"] == 2 * VOCAB * 32 + 32 * 32
+    assert n_tied["embedding"] + n_tied["core"] == n_tied["total"]
+
+
+def test_tied_head_receives_gradient_through_both_uses():
+    model = tiny_model()
+    idx = random_ids(2, 8)
+    _, loss = model(idx, random_ids(2, 8))
+    loss.backward()
+    assert model.lm_head.weight.grad is model.wte.weight.grad
+    # rows of tokens that never appear in the input still get a gradient from the head
+    unused = sorted(set(range(VOCAB)) - set(idx.flatten().tolist()))
+    assert model.wte.weight.grad[unused].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------
+# 5. weight sharing
+
+def test_share_ffn_shares_one_module_and_its_updates():
+    plain, shared = tiny_model(n_layer=3), tiny_model(n_layer=3, share_ffn=True)
+    assert all(block.mlp is shared.h[0].mlp for block in shared.h)
+    assert len({id(block.mlp) for block in plain.h}) == 3
+    ffn_size = sum(p.numel() for p in plain.h[0].mlp.parameters())
+    assert plain.num_params()["core"] - shared.num_params()["core"] == 2 * ffn_size
+
+    # the shared weight's gradient is the sum of what each layer's copy would get
+    unshared = tiny_model(n_layer=3)
+    unshared.load_state_dict(shared.state_dict())  # every layer gets the shared FFN's weights
+    idx, targets = random_ids(2, 10), random_ids(2, 10)
+    shared.train(), unshared.train()
+    shared(idx, targets)[1].backward()
+    unshared(idx, targets)[1].backward()
+    expected = sum(block.mlp.c_fc.weight.grad for block in unshared.h)
+    torch.testing.assert_close(shared.h[0].mlp.c_fc.weight.grad, expected, atol=1e-7, rtol=1e-5)
+
+    before = shared.h[0].mlp.c_fc.weight.detach().clone()
+    torch.optim.SGD(shared.parameters(), lr=0.5).step()
+    after = [block.mlp.c_fc.weight for block in shared.h]
+    assert not torch.equal(after[0], before)
+    assert all(w is after[0] and w.data_ptr() == after[0].data_ptr() for w in after)
+
+
+def test_block_repeat_adds_depth_not_parameters():
+    once, twice = tiny_model(block_repeat=1), tiny_model(block_repeat=2)
+    assert once.num_params() == twice.num_params()
+    twice.load_state_dict(once.state_dict())  # same keys, same weights
+    idx = random_ids(2, 10)
+    with torch.no_grad():
+        out_once, out_twice = once(idx)[0], twice(idx)[0]
+        # reference: each block applied twice in a row, by hand
+        x = once.wte(idx) + once.wpe(torch.arange(10))
+        for block in once.h:
+            x = block(block(x))
+        reference = once.lm_head(once.ln_f(x))
+    assert (out_once - out_twice).abs().max() > 1e-3
+    torch.testing.assert_close(out_twice, reference, atol=1e-6, rtol=0)
+    cache = KVCache(twice.config, 1, "cpu", torch.float32)
+    assert cache.k.shape[0] == twice.config.n_layer * 2
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    """Query head h reads key/value head h // (n_head / n_kv_head): check against plain multi-head attention."""
+    gqa = tiny_model(n_head=4, n_kv_head=2, pos="rope")
+    mha = tiny_model(n_head=4, pos="rope")
+    state = gqa.state_dict()
+    hd, group = 8, 2
+    for i in range(2):
+        key = f"h.{i}.attn.c_attn.weight"
+        q, k, v = state[key].split([4 * hd, 2 * hd, 2 * hd])
+        k = k.view(2, hd, -1).repeat_interleave(group, dim=0).reshape(4 * hd, -1)
+        v = v.view(2, hd, -1).repeat_interleave(group, dim=0).reshape(4 * hd, -1)
+        state[key] = torch.cat([q, k, v])
+    mha.load_state_dict(state)
+    idx = random_ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    config = tiny_config(pos="rope", block_size=32)
+    model = GPT(config)
+    cos, sin = model.rope_cos, model.rope_sin
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m, n):
+        return apply_rotary(q, cos[m], sin[m]) @ apply_rotary(k, cos[n], sin[n])
+
+    torch.testing.assert_close(score(7, 3), score(20, 16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(score(3, 3), q @ k, atol=1e-5, rtol=0)  # zero offset: no rotation left
+    assert abs(score(7, 3) - score(7, 4)) > 1e-4
+    torch.testing.assert_close(apply_rotary(q, cos[0], sin[0]), q)  # position 0 is the identity
+
+
+# ----------------------------------------------------------------------------
+# 6. presets
+
+@pytest.mark.parametrize("name, target", [("stlm-10m", 10e6), ("stlm-50m", 50e6), ("stlm-100m", 100e6)])
+def test_stlm_presets_are_the_size_of_their_names(name, target):
+    config = preset_config(name)
+    assert config.vocab_size == 256
+    with torch.device("meta"):  # count parameters without allocating or initialising them
+        model = GPT(config)
+    total = model.num_params()["total"]
+    assert abs(total - target) / target < 0.10, f"{name} has {total:,} parameters"
+
+
+def test_cpu_tiny_is_nanogpt_cpu_shape():
+    config = preset_config("cpu-tiny")
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size) == (4, 4, 128, 64)
+    assert preset_config("cpu-tiny", vocab_size=50257, dropout=0.1).vocab_size == 50257
+    assert set(PRESETS) >= {"cpu-tiny", "stlm-10m", "stlm-50m", "stlm-100m"}
+
+
+# ----------------------------------------------------------------------------
+# 7. Hugging Face GPT-2 on copied weights
+
+def copy_hf_gpt2_into(hf, ours):
+    """Copy a transformers GPT2LMHeadModel's weights into our GPT (Conv1D stores (in, out): transpose)."""
+    src = hf.transformer
+    with torch.no_grad():
+        ours.wte.weight.copy_(src.wte.weight)
+        ours.wpe.weight.copy_(src.wpe.weight)
+        for mine, theirs in zip(ours.h, src.h, strict=True):
+            for a, b in ((mine.ln_1, theirs.ln_1), (mine.ln_2, theirs.ln_2)):
+                a.weight.copy_(b.weight)
+                a.bias.copy_(b.bias)
+            for a, b in ((mine.attn.c_attn, theirs.attn.c_attn), (mine.attn.c_proj, theirs.attn.c_proj),
+                         (mine.mlp.c_fc, theirs.mlp.c_fc), (mine.mlp.c_proj, theirs.mlp.c_proj)):
+                a.weight.copy_(b.weight.t())
+                a.bias.copy_(b.bias)
+        ours.ln_f.weight.copy_(src.ln_f.weight)
+        ours.ln_f.bias.copy_(src.ln_f.bias)
+    assert ours.lm_head.weight is ours.wte.weight  # the head follows the tied embedding
+
+
+def test_matches_hugging_face_gpt2():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: no GPT-2 reference")
+    # initializer_range 0.1 rather than GPT-2's 0.02: with tiny weights every activation sits where
+    # GELU's tanh approximation and the exact GELU agree to 1e-6, and the test could not tell them apart
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=VOCAB,
+                                        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, activation_function="gelu_new",
+                                        initializer_range=0.1, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # GPT-2 starts with zero biases and unit norms: make them matter
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            elif ".ln_" in name:
+                p.normal_(1.0, 0.1)
+    ours = GPT(GPTConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, bias=True,
+                         norm="layernorm", pos="learned", ffn="gelu", tie_embeddings=True)).eval()
+    assert ours.num_params()["total"] == sum(p.numel() for p in hf.parameters())
+    copy_hf_gpt2_into(hf, ours)
+    idx = random_ids(2, 32)
+    with torch.no_grad():
+        theirs = hf(idx, labels=idx)
+        logits, loss = ours(idx[:, :-1], idx[:, 1:])
+        full_logits = ours(idx)[0]
+    assert (full_logits - theirs.logits).abs().max().item() < 1e-5
+    torch.testing.assert_close(loss, theirs.loss, atol=1e-5, rtol=0)  # HF shifts the labels itself
+
+
+# ----------------------------------------------------------------------------
+# 8. sample_next
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(16, VOCAB)
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(dim=-1, keepdim=True))
+    assert sample_next(logits, temperature=0).shape == (16, 1)
+
+
+def test_top_k_one_is_argmax():
+    logits = torch.randn(4, VOCAB).repeat(250, 1)  # 1000 draws
+    draws = sample_next(logits, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, logits.argmax(dim=-1, keepdim=True))
+
+
+def test_top_k_keeps_only_the_k_best():
+    logits = torch.randn(1, VOCAB)
+    best = set(torch.topk(logits, 5).indices[0].tolist())
+    draws = sample_next(logits.repeat(2000, 1), top_k=5, generator=torch.Generator().manual_seed(0))
+    assert set(draws.flatten().tolist()) == best
+
+
+@pytest.mark.parametrize("top_p, allowed", [(0.4, {0}), (0.6, {0, 1}), (0.75, {0, 1}), (0.85, {0, 1, 2})])
+def test_top_p_keeps_the_smallest_set_reaching_the_mass(top_p, allowed):
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    logits = probs.log().repeat(4000, 1)
+    draws = sample_next(logits, top_p=top_p, generator=torch.Generator().manual_seed(0)).flatten()
+    assert set(draws.tolist()) == allowed
+    # the kept tokens are renormalised, not reweighted
+    kept = probs[sorted(allowed)] / probs[sorted(allowed)].sum()
+    freq = torch.bincount(draws, minlength=3)[sorted(allowed)].float() / len(draws)
+    torch.testing.assert_close(freq, kept, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("top_p, n_kept", [(0.25, 1), (0.5, 2), (0.75, 3), (0.76, 4)])
+def test_top_p_stops_as_soon_as_the_mass_is_reached(top_p, n_kept):
+    # four equal logits: probabilities of exactly 1/4, so the running mass hits top_p exactly
+    draws = sample_next(torch.zeros(2000, 4), top_p=top_p, generator=torch.Generator().manual_seed(0))
+    assert len(set(draws.flatten().tolist())) == n_kept
+
+
+def test_top_p_zero_keeps_the_likeliest_token():
+    logits = torch.randn(8, VOCAB)
+    draws = sample_next(logits, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, logits.argmax(dim=-1, keepdim=True))
+
+
+def test_top_p_is_per_row_and_order_independent():
+    # the same distribution, permuted: the nucleus follows the tokens
+    logits = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]).log().repeat(1000, 1)
+    draws = sample_next(logits, top_p=0.6, generator=torch.Generator().manual_seed(0)).view(1000, 2)
+    assert set(draws[:, 0].tolist()) == {0, 1}
+    assert set(draws[:, 1].tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=2.0), dict(temperature=0.3), dict(top_k=5),
+                                      dict(top_k=50), dict(top_p=0.99), dict(top_k=4, top_p=0.9, temperature=5.0)],
+                         ids=str)
+def test_masked_tokens_are_never_sampled(sampling):
+    logits = torch.randn(1, VOCAB).repeat(3000, 1)
+    banned = torch.arange(VOCAB) % 3 != 0  # only every third token is allowed
+    logits[:, banned] = float("-inf")
+    draws = sample_next(logits, generator=torch.Generator().manual_seed(0), **sampling)
+    assert not banned[draws.flatten()].any()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_sharpens_or_flattens(temperature):
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    draws = sample_next(probs.log().repeat(4000, 1), temperature=temperature,
+                        generator=torch.Generator().manual_seed(0)).flatten()
+    expected = probs ** (1 / temperature)  # softmax(log p / T) is proportional to p^(1/T)
+    freq = torch.bincount(draws, minlength=3).float() / len(draws)
+    torch.testing.assert_close(freq, expected / expected.sum(), atol=0.03, rtol=0)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    logits = torch.randn(64, VOCAB)
+    a = sample_next(logits, top_k=20, generator=torch.Generator().manual_seed(5))
+    b = sample_next(logits, top_k=20, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# 9. config validation
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_embd=30, n_head=4), r"--n_embd=30 must be divisible by --n_head=4"),
+    (dict(n_head=4, n_kv_head=3), r"--n_head=4 must be divisible by --n_kv_head=3"),
+    (dict(ffn="relu"), r"--ffn=relu is not one of gelu, swiglu"),
+    (dict(norm="batchnorm"), r"--norm=batchnorm is not one of layernorm, rmsnorm"),
+    (dict(pos="alibi"), r"--pos=alibi is not one of learned, rope"),
+    (dict(n_layer=0), r"--n_layer must be at least 1"),
+    (dict(dropout=1.0), r"--dropout must be in \[0, 1\)"),
+    (dict(pos="rope", n_embd=36, n_head=4), r"rotary positions need an even head size"),
+], ids=["n_embd%n_head", "n_head%n_kv_head", "ffn", "norm", "pos", "n_layer", "dropout", "rope-odd-head"])
+def test_bad_config_is_a_user_error(overrides, message):
+    with pytest.raises(UserError, match=message) as info:
+        GPT(tiny_config(**overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_preset_is_a_user_error():
+    with pytest.raises(UserError, match=r"unknown preset 'stlm-7b'.*cpu-tiny") as info:
+        preset_config("stlm-7b")
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# 10. checkpoints
+
+def checkpoint_of(model):
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "step": 7}
+
+
+@pytest.fixture
+def checkpoint_file(tmp_path):
+    path = tmp_path / "real.pt"
+    save_checkpoint(checkpoint_of(tiny_model()), path)
+    return path
+
+
+@pytest.mark.parametrize("variant", [pytest.param(VARIANTS[k], id=k) for k in ("learned-gelu-layernorm", "stlm-like")]
+                         + [pytest.param(dict(tie_embeddings=False, bias=True), id="untied-bias")])
+def test_checkpoint_round_trip(tmp_path, variant):
+    model = tiny_model(**variant)
+    path = tmp_path / "runs" / "ckpt.pt"  # the parent folder does not exist yet
+    save_checkpoint(checkpoint_of(model), path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt"]  # no temp file left behind
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["version"] == CHECKPOINT_VERSION
+    assert checkpoint["step"] == 7
+    loaded = model_from_checkpoint(checkpoint)
+    assert not loaded.training
+    assert loaded.config == model.config
+    assert (loaded.lm_head.weight is loaded.wte.weight) == model.config.tie_embeddings
+    idx = random_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_save_checkpoint_replaces_an_existing_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4))
+    entries = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}
+    save_checkpoint({**entries, "step": 1}, path)
+    save_checkpoint({**entries, "step": 2}, path)
+    assert load_checkpoint(path)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+class NotATensor:  # pickled by torch.save, refused by weights_only loading
+    pass
+
+
+def assert_one_line_user_error(path):
+    with pytest.raises(UserError) as info:  # a UserError and nothing else
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.0001])
+def test_truncated_checkpoint_is_a_user_error(tmp_path, checkpoint_file, fraction):
+    data = checkpoint_file.read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(data[:int(len(data) * fraction)])
+    assert str(bad) in assert_one_line_user_error(bad)
+
+
+@pytest.mark.parametrize("kind", ["random-bytes", "empty", "plain-dict", "tensor", "pickled-object", "old-version",
+                                  "no-model"])
+def test_foreign_file_is_a_user_error(tmp_path, kind):
+    bad = tmp_path / f"{kind}.pt"
+    if kind == "random-bytes":
+        bad.write_bytes(bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist()))
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "plain-dict":
+        torch.save({"model": tiny_model().state_dict(), "step": 3}, bad)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), bad)
+    elif kind == "pickled-object":
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "x": NotATensor()}, bad)
+    elif kind == "old-version":
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION + 1}, bad)
+    elif kind == "no-model":
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": 3}, bad)
+    message = assert_one_line_user_error(bad)
+    if kind in ("plain-dict", "tensor"):
+        assert CHECKPOINT_FORMAT in message
+    if kind == "old-version":
+        assert "version" in message
+    if kind == "no-model":
+        assert "holds no model" in message
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    assert "no checkpoint" in assert_one_line_user_error(tmp_path / "nowhere" / "ckpt.pt")
+    assert "no checkpoint" in assert_one_line_user_error(tmp_path)  # a folder is not a checkpoint
+
+
+# ----------------------------------------------------------------------------
+# 11. token ids back to bytes
+
+def test_byte_table():
+    table = token_byte_table("bytes")
+    assert len(table) == 256
+    assert all(table[i] == bytes([i]) for i in range(256))
+
+
+def test_bpe_table_rebuilds_utf8_text():
+    tiktoken = pytest.importorskip("tiktoken")
+    table = token_byte_table("bpe")
+    assert len(table) == 50257
+    encoding = tiktoken.get_encoding("gpt2")
+    text = "Hello, world!  Tabs\tand\nnewlines, café, naïve, 東京, emoji 🙂🚀 and <|endoftext|> as text."
+    ids = encoding.encode(text, disallowed_special=())
+    assert b"".join(table[i] for i in ids) == text.encode("utf-8")
+    assert table[50256] == b"<|endoftext|>"
+
+
+@pytest.mark.parametrize("tokenization", ["bytes", "bpe"])
+def test_encode_text_round_trips_through_the_byte_table(tokenization):
+    text = "ROMEO:\nBut soft, what light through yonder window breaks? café 東京 🙂 <|endoftext|>"
+    ids = encode_text(tokenization, text)
+    assert all(isinstance(i, int) for i in ids)
+    table = token_byte_table(tokenization)
+    assert b"".join(table[i] for i in ids) == text.encode("utf-8")
+    if tokenization == "bytes":
+        assert ids == list(text.encode("utf-8"))
+    else:
+        assert len(ids) < len(text.encode("utf-8"))  # BPE merges bytes
+
+
+@pytest.mark.parametrize("function", [encode_text, token_byte_table], ids=["encode_text", "token_byte_table"])
+def test_unknown_tokenization_is_a_user_error(function):
+    args = ("chars", "text") if function is encode_text else ("chars",)
+    with pytest.raises(UserError, match="unknown tokenization 'chars'") as info:
+        function(*args)
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# the same model on a GPU
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("variant", [pytest.param(VARIANTS[k], id=k) for k in ("learned-gelu-layernorm", "stlm-like")])
+def test_cuda_matches_cpu_and_its_cache_matches_full_forward(variant):
+    cpu_model = lively_model(block_size=16, **variant)
+    gpu_model = lively_model(block_size=16, **variant).cuda()
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    idx = random_ids(2, 12)
+    with torch.no_grad():
+        cpu_logits = cpu_model(idx)[0]
+        gpu_logits = gpu_model(idx.cuda())[0]
+        cache = KVCache(gpu_model.config, 2, "cuda", torch.float32)
+        pieces = [gpu_model.hidden_states(idx[:, :5].cuda(), cache)]
+        pieces += [gpu_model.hidden_states(idx[:, t:t + 1].cuda(), cache) for t in range(5, 12)]
+    torch.testing.assert_close(gpu_logits.cpu(), cpu_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu_model.lm_head(torch.cat(pieces, dim=1)), gpu_logits, atol=1e-4, rtol=1e-4)
+    prompt = random_ids(2, 5).cuda()
+    assert torch.equal(gpu_model.generate(prompt, 40, temperature=0, use_cache=True),
+                       gpu_model.generate(prompt, 40, temperature=0, use_cache=False))

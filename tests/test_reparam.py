@@ -1,0 +1,243 @@
+"""
+reparam.py: every merge against its training form, whole models against their
+merged selves, the anneal schedule, and the command line on a tiny checkpoint.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import reparam
+import train
+from cli import UserError
+from data import prepare
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+MERGEABLE = reparam.MERGEABLE
+F64_TOLERANCE = 1e-10
+F32_RELATIVE_TOLERANCE = 1e-5
+ANNEAL_ITERS = 3
+GREEDY_TOKENS = 24
+
+
+def tiny_config(ffn, **overrides):
+    settings = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, ffn=ffn, anneal_iters=ANNEAL_ITERS)
+    return GPTConfig(**{**settings, **overrides})
+
+
+def finish_annealing(model):
+    """Put rep_anneal's schedule at its end, as training to anneal_iters does (no-op for the others)."""
+    model.set_step(model.config.anneal_iters)
+    return model.eval()
+
+
+def trained_like(config, dtype=torch.float64):
+    """A model whose every parameter, norms and branch scales included, is away from its init."""
+    model = GPT(config).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return finish_annealing(model)
+
+
+def logits(model, idx):
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+# ----------------------------------------------------------------------------
+# one FFN: merge vs training form
+
+@pytest.mark.parametrize("ffn", MERGEABLE)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_block_merge_matches_training_form_in_float64(ffn, bias, norm):
+    model = trained_like(tiny_config(ffn, bias=bias, norm=norm))
+    block = model.h[0]
+    merged_config = dataclasses.replace(model.config, ffn_merged=True, ffn_norm_folded=True)
+    merged_ffn = reparam.make_ffn(merged_config).to(torch.float64)
+    merged_ffn.load_state_dict(reparam.merge_block_ffn(block.mlp, block.ln_2))
+    plain_norm = GPT(merged_config).h[0].ln_2.to(torch.float64)  # the norm left without scale or shift
+    assert sum(p.numel() for p in plain_norm.parameters()) == 0
+    x = torch.randn(3, 5, model.config.n_embd, dtype=torch.float64)
+    with torch.no_grad():
+        expected = block.mlp(block.ln_2(x))
+        got = merged_ffn(plain_norm(x))
+    assert (got - expected).abs().max().item() <= F64_TOLERANCE
+
+
+# ----------------------------------------------------------------------------
+# whole models
+
+@pytest.mark.parametrize("ffn", MERGEABLE)
+@pytest.mark.parametrize("shape", [dict(), dict(share_ffn=True), dict(block_repeat=2), dict(bias=True, pos="rope")])
+def test_whole_model_logits_match_in_float64(ffn, shape):
+    model = trained_like(tiny_config(ffn, **shape))
+    merged = reparam.reparameterize(model)
+    assert merged.config.ffn_merged and merged.config.ffn_norm_folded == (not model.config.share_ffn)
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size))
+    assert (logits(merged, idx) - logits(model, idx)).abs().max().item() <= F64_TOLERANCE
+
+
+@pytest.mark.parametrize("ffn", MERGEABLE)
+def test_whole_model_float32_logits_and_greedy_generation(ffn):
+    model = trained_like(tiny_config(ffn), dtype=torch.float32)
+    merged = reparam.reparameterize(model)
+    assert next(merged.parameters()).dtype == torch.float32
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size))
+    expected = logits(model, idx)
+    relative = (logits(merged, idx) - expected).abs().max() / expected.abs().max()
+    assert relative.item() <= F32_RELATIVE_TOLERANCE
+    prompt = idx[:1, :4]
+    greedy = [m.generate(prompt, GREEDY_TOKENS, temperature=0) for m in (model, merged)]
+    assert torch.equal(*greedy)
+
+
+@pytest.mark.parametrize("ffn", MERGEABLE)
+def test_merged_model_is_smaller_and_cheaper(ffn):
+    model = trained_like(tiny_config(ffn), dtype=torch.float32)
+    merged = reparam.reparameterize(model)
+    assert merged.num_params()["total"] < model.num_params()["total"]
+    assert reparam.forward_flops(merged, 8) < reparam.forward_flops(model, 8)
+
+
+def test_merged_linear_has_the_controls_shape():
+    # a merged rep_linear runs exactly the computation of a directly trained `linear`, minus ln_2's affine
+    merged = reparam.reparameterize(trained_like(tiny_config("rep_linear")))
+    control = GPT(tiny_config("linear"))
+    norm_params = 2 * merged.config.n_embd  # ln_2's scale, one per layer
+    assert merged.num_params()["total"] == control.num_params()["total"] - norm_params
+
+
+def test_merge_leaves_the_original_and_the_rng_alone():
+    model = trained_like(tiny_config("rep_linear"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    reparam.reparameterize(model)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_merging_twice_or_nothing_is_a_clear_error():
+    merged = reparam.reparameterize(trained_like(tiny_config("rep_parallel")))
+    with pytest.raises(UserError, match="already merged"):
+        reparam.reparameterize(merged)
+    for ffn in ("gelu", "swiglu", "linear"):
+        with pytest.raises(UserError, match="nothing to merge"):
+            reparam.reparameterize(GPT(tiny_config(ffn)))
+
+
+def test_inconsistent_merge_flags_are_refused():
+    with pytest.raises(UserError, match="ffn_merged"):
+        GPT(tiny_config("gelu", ffn_merged=True))
+    with pytest.raises(UserError, match="shared"):
+        GPT(tiny_config("rep_linear", ffn_merged=True, ffn_norm_folded=True, share_ffn=True))
+    with pytest.raises(UserError, match="anneal_fraction"):
+        GPT(tiny_config("rep_anneal", anneal_fraction=1.0))
+
+
+# ----------------------------------------------------------------------------
+# the anneal schedule
+
+def test_anneal_schedule_reaches_the_identity_exactly_at_its_end():
+    assert reparam.anneal_progress(0, 7) == 0.0
+    assert 0.0 < reparam.anneal_progress(6, 7) < 1.0
+    assert reparam.anneal_progress(7, 7) == 1.0
+    assert reparam.anneal_progress(70, 7) == 1.0
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(share_ffn=True), dict(block_repeat=3)])
+def test_anneal_clock_follows_the_step_train_py_sets(shape):
+    model = GPT(tiny_config("rep_anneal", **shape)).train()
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    for step in range(ANNEAL_ITERS + 2):
+        model.set_step(step)
+        model(idx)  # forward passes, however many per step, do not move the clock
+        for block in model.h:
+            assert block.mlp.progress().item() == reparam.anneal_progress(step, ANNEAL_ITERS)
+    assert model.h[0].mlp.progress().item() == 1.0
+
+
+def test_training_drives_the_anneal_clock(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"abcdefgh" * 400)
+    folder = prepare.prepare(prepare.PrepareConfig(input=str(text), data_dir=str(tmp_path)))
+    train.main([f"--dataset={folder}", f"--out_dir={tmp_path / 'out'}", "--ffn=rep_anneal", "--anneal_iters=6",
+                "--max_iters=8", "--grad_accum=2", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=8",
+                "--batch_size=2", "--eval_interval=4", "--eval_tokens=64", "--threads=1"])
+    checkpoint = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert checkpoint["model"]["h.0.mlp.steps_done"].item() == 8  # optimizer steps, not micro-batches
+    assert reparam.reparameterize(model_from_checkpoint(checkpoint)).config.ffn_merged
+
+
+def test_annealed_channels_are_exactly_linear_at_the_end():
+    ffn = reparam.make_ffn(tiny_config("rep_anneal")).to(torch.float64)
+    ffn.steps_done.fill_(ANNEAL_ITERS)
+    x = torch.randn(4, 32, dtype=torch.float64)
+    n_gelu = ffn.n_gelu
+    # a direction that only reaches the annealed channels must pass through them linearly
+    with torch.no_grad():
+        ffn.c_fc.weight[:n_gelu] = 0
+        assert torch.allclose(ffn(2 * x), 2 * ffn(x), rtol=0, atol=1e-12)
+
+
+def test_complete_anneal_lets_an_untrained_model_merge():
+    model = reparam.complete_anneal(GPT(tiny_config("rep_anneal", share_ffn=True)))
+    assert model.h[0].mlp.progress().item() == 1.0
+    assert reparam.reparameterize(model).config.ffn_merged
+
+
+def test_merging_before_the_anneal_ends_is_refused():
+    model = GPT(tiny_config("rep_anneal", anneal_iters=100))
+    model.set_step(99)
+    with pytest.raises(UserError, match="99 of 100 steps"):
+        reparam.reparameterize(model.eval())
+
+
+def test_anneal_schedule_survives_a_checkpoint_round_trip(tmp_path):
+    model = GPT(tiny_config("rep_anneal", anneal_iters=100))
+    model.set_step(37)
+    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, tmp_path / "c.pt")
+    restored = model_from_checkpoint(load_checkpoint(tmp_path / "c.pt"))
+    assert restored.h[1].mlp.steps_done.item() == 37
+
+
+def test_every_branch_learns():
+    model = GPT(tiny_config("rep_parallel"))
+    idx = torch.randint(0, 64, (2, 8))
+    model(idx, idx)[1].backward()
+    ffn = model.h[0].mlp
+    assert all(g != 0 for g in ffn.scales.grad)  # dense, low-rank, diagonal and identity scales all get gradient
+
+
+# ----------------------------------------------------------------------------
+# the command line
+
+def write_checkpoint(path, ffn, dataset="default_bytes", **overrides):
+    model = trained_like(tiny_config(ffn, vocab_size=256, **overrides), dtype=torch.float32)
+    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                     "train_config": {"dataset": dataset}, "step": 0,
+                     "data_meta": {"tokenization": "bytes", "vocab_size": 256}}, path)
+    return model
+
+
+def test_cli_merges_verifies_and_saves_a_loadable_checkpoint(tmp_path, capsys):
+    path = tmp_path / "ckpt.pt"
+    model = write_checkpoint(path, "rep_anneal")
+    reparam.main([f"--ckpt={path}", "--seq_lens=1,8,999", "--repeats=2", "--threads=1"])
+    out = capsys.readouterr().out
+    assert "greedy tokens: identical" in out and "real inputs" in out and "999 skipped" in out
+    merged = model_from_checkpoint(load_checkpoint(tmp_path / "ckpt_merged.pt"))
+    assert merged.config.ffn_merged
+    idx = torch.randint(0, 256, (1, 16))
+    assert (logits(merged, idx) - logits(model, idx)).abs().max().item() <= reparam.LOGIT_TOLERANCE
+
+
+def test_cli_refuses_a_checkpoint_with_nothing_to_merge(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    write_checkpoint(path, "gelu")
+    with pytest.raises(UserError, match="nothing to merge"):
+        reparam.main([f"--ckpt={path}"])
+    assert not (tmp_path / "ckpt_merged.pt").exists()
