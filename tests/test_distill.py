@@ -1,0 +1,277 @@
+"""distill.py: the KD losses by hand, the teacher cache, alpha = 0 as train.py, a frozen teacher, a Hugging Face teacher."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import distill
+import train
+from cli import UserError
+from data import prepare
+from model import GPT, load_checkpoint, token_byte_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# the same tiny shape as tests/test_train.py: a run of a few steps takes about a second
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+        "--eval_interval=10", "--eval_tokens=512", "--log_interval=5", "--threads=1", "--learning_rate=3e-3", "--warmup_iters=10"]
+TEACHER_SHAPE = ["--n_layer=2", "--n_head=2", "--n_embd=48"]
+
+
+@pytest.fixture(scope="module")
+def corpus_text():
+    rng = np.random.default_rng(0)
+    words = ["the ", "cat ", "sat ", "on ", "a ", "mat. ", "a ", "dog ", "ran\n"]
+    return "".join(rng.choice(words, size=3000)).encode()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, corpus_text):
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "tiny.txt").write_bytes(corpus_text)
+    return str(prepare.prepare(prepare.PrepareConfig(input=str(folder / "tiny.txt"), data_dir=str(folder))))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory, dataset):
+    out = tmp_path_factory.mktemp("teacher")
+    train.main(["--dataset=" + dataset, "--out_dir=" + str(out), *TINY, *TEACHER_SHAPE, "--max_iters=20"])
+    return out / "ckpt.pt"
+
+
+def run_distill(dataset, teacher, out_dir, *args):
+    distill.main(["--dataset=" + dataset, "--teacher=" + str(teacher), "--out_dir=" + str(out_dir), *TINY, *args])
+    return load_checkpoint(Path(out_dir) / "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------
+# the losses against a hand computation
+
+def softmax(values, temperature):
+    exps = [math.exp(v / temperature) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def hand_buckets(probs, keep):
+    """probabilities of the kept ids, then of everything else"""
+    return [probs[i] for i in keep] + [1.0 - sum(probs[i] for i in keep)]
+
+
+def hand_kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+TEACHER_LOGITS = [2.0, 0.5, -1.0, 1.5, 0.0]
+STUDENT_LOGITS = [0.3, 1.2, -0.4, 0.8, -2.0]
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("k", [2, 5])
+def test_kd_loss_matches_a_hand_computation(kind, temperature, k):
+    teacher = softmax(TEACHER_LOGITS, temperature)
+    keep = sorted(range(5), key=lambda i: -teacher[i])[:k]  # the teacher's top-k ids
+    t, s = hand_buckets(teacher, keep), hand_buckets(softmax(STUDENT_LOGITS, temperature), keep)
+    expected = temperature ** 2 * (hand_kl(t, s) if kind == "forward" else hand_kl(s, t))
+
+    targets = distill.top_k_targets(torch.tensor([[TEACHER_LOGITS]]), k, temperature)
+    assert targets.indices[0, 0].tolist() == keep
+    dropped = 1.0 - sum(teacher[i] for i in keep)  # the cache records what the top-k drop
+    assert math.exp(targets.tail.item()) == pytest.approx(dropped, abs=1e-7)
+    loss = distill.distillation_loss(torch.tensor([[STUDENT_LOGITS]]), targets, temperature, kind)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+def test_full_vocabulary_kd_equals_torch_kl_and_top_k_is_a_lower_bound(kind):
+    teacher_logits, student_logits = torch.randn(3, 4, 11), torch.randn(3, 4, 11, requires_grad=True)
+    log_t, log_s = teacher_logits.log_softmax(-1), student_logits.log_softmax(-1)
+    full = (torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="none") if kind == "forward"
+            else torch.nn.functional.kl_div(log_t, log_s, log_target=True, reduction="none")).sum(-1).mean()
+    every_token = distill.distillation_loss(student_logits, distill.top_k_targets(teacher_logits, 11, 1.0), 1.0, kind)
+    assert every_token.item() == pytest.approx(full.item(), rel=1e-5)  # an empty tail bucket adds nothing
+    every_token.backward()
+    full_grad, = torch.autograd.grad(full, student_logits)
+    assert torch.allclose(student_logits.grad, full_grad, atol=1e-6)  # and its gradient is no NaN
+    # merging the dropped tokens into one bucket can only lose information: KL shrinks
+    for k in (1, 3, 6):
+        top_k = distill.distillation_loss(student_logits, distill.top_k_targets(teacher_logits, k, 1.0), 1.0, kind)
+        assert -1e-6 <= top_k.item() <= full.item() + 1e-6
+
+
+def test_kd_gradient_is_zero_when_student_equals_teacher():
+    logits = torch.randn(2, 3, 7)
+    student = logits.clone().requires_grad_(True)
+    loss = distill.distillation_loss(student, distill.top_k_targets(logits, 3, 2.0), 2.0, "reverse")
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert student.grad.abs().max().item() < 1e-6
+
+
+# ----------------------------------------------------------------------------
+# the cache
+
+def test_teacher_windows_keep_every_target_once_with_half_a_window_of_context():
+    for n_tokens, context, stride in [(100, 16, 0), (17, 16, 0), (64, 8, 0), (1001, 64, 0), (1001, 64, 64), (50, 8, 3)]:
+        kept = []
+        for start, first, last in distill.teacher_windows(n_tokens, context, stride):
+            assert 0 <= start and start + context <= n_tokens - 1 and start < first <= last <= start + context
+            # tokens of context before the first kept target
+            assert start == 0 or first - 1 - start >= context - (stride or context // 2)
+            kept.extend(range(first, last + 1))
+        assert kept == list(range(1, n_tokens))
+
+
+def test_cached_batches_are_train_py_batches(dataset):
+    data = train.load_dataset(dataset, 16).train
+    fake_cache = {"indices": np.zeros((len(data), 2), np.uint16), "logprobs": np.zeros((len(data), 2), np.float16),
+                  "tail": np.zeros(len(data), np.float32)}
+    batch_fn = distill.cached_batch_fn(fake_cache, len(data))
+    ours, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x, y = batch_fn(data, 4, 16, ours, "cpu")
+        x_ref, y_ref = train.get_batch(data, 4, 16, theirs, "cpu")
+        assert torch.equal(x, x_ref) and torch.equal(y.tokens, y_ref)
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_cache_holds_the_teachers_predictions_and_refuses_a_mismatch(dataset, teacher_ckpt, tmp_path):
+    data = train.load_dataset(dataset, 16)
+    teacher = distill.load_teacher(teacher_ckpt, data, "cpu")
+    config = distill.DistillConfig(top_k=4, temperature=2.0)
+    cache_dir = tmp_path / "cache"
+    meta = distill.build_cache(teacher, data.train, config, 16, cache_dir, "cpu")
+    cache = distill.open_cache(cache_dir, distill.cache_description(teacher, data.train, config, 16))
+    assert 0 < meta["mean_dropped_mass"] < 1
+    # every kept row equals the teacher run on its own window
+    for start, first, last in distill.teacher_windows(len(data.train), 16)[:3] + distill.teacher_windows(len(data.train), 16)[-2:]:
+        x = torch.from_numpy(data.train[start:start + 16].astype(np.int64))[None]
+        direct = distill.top_k_targets(teacher(x)[0], 4, 2.0)
+        cols = slice(first - start - 1, last - start)
+        assert np.array_equal(cache["indices"][first:last + 1], direct.indices[0, cols].numpy())
+        assert np.allclose(cache["logprobs"][first:last + 1], direct.logprobs[0, cols].numpy(), atol=1e-2)
+        assert np.allclose(cache["tail"][first:last + 1], direct.tail[0, cols].numpy())
+    # any change of temperature, k, teacher or data is refused by name
+    for changed, message in [(distill.DistillConfig(top_k=4, temperature=1.0), "temperature"),
+                             (distill.DistillConfig(top_k=8, temperature=2.0), "top_k")]:
+        with pytest.raises(UserError, match=message):
+            distill.open_cache(cache_dir, distill.cache_description(teacher, data.train, changed, 16))
+    with pytest.raises(UserError, match="different data"):
+        distill.open_cache(cache_dir, distill.cache_description(teacher, data.val, config, 16))
+    with torch.no_grad():
+        next(teacher.module.parameters()).add_(1.0)
+    teacher.fingerprint = distill.fingerprint_module(teacher.module)
+    with pytest.raises(UserError, match="different teacher"):
+        distill.open_cache(cache_dir, distill.cache_description(teacher, data.train, config, 16))
+
+
+# ----------------------------------------------------------------------------
+# training
+
+def test_alpha_zero_is_exactly_train_py(dataset, teacher_ckpt, tmp_path):
+    train.main(["--dataset=" + dataset, "--out_dir=" + str(tmp_path / "plain"), *TINY, "--max_iters=12", "--dropout=0.1"])
+    plain = load_checkpoint(tmp_path / "plain" / "ckpt.pt")
+    distilled = run_distill(dataset, teacher_ckpt, tmp_path / "kd", "--alpha=0", "--max_iters=12", "--dropout=0.1")
+    for name, tensor in plain["model"].items():
+        assert torch.equal(tensor, distilled["model"][name]), name
+
+
+def test_teacher_stays_frozen_through_a_step(dataset, teacher_ckpt):
+    config, model_config, _ = train.configure(["--dataset=" + dataset, *TINY])
+    data = train.load_dataset(dataset, 16)
+    model_config.vocab_size = data.meta["vocab_size"]
+    student = GPT(model_config)
+    teacher = distill.load_teacher(teacher_ckpt, data, "cpu")
+    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    kd_config = distill.DistillConfig(alpha=0.7, hidden_weight=1.0, online=True)
+    projection = torch.nn.Linear(32, teacher.n_embd, bias=False)
+    optimizer = train.make_optimizer(torch.nn.ModuleList([student, projection]), config, "cpu")
+    teacher_ids = {id(p) for p in teacher.module.parameters()}
+    assert not any(id(p) in teacher_ids for group in optimizer.param_groups for p in group["params"])
+    x, y = distill.online_batch_fn(data.train, 4, 16, torch.Generator().manual_seed(0), "cpu")
+    loss, parts = distill.make_loss_fn(kd_config, teacher, projection)(student, x, y)
+    loss.backward()
+    optimizer.step()
+    assert set(parts) == {"ce", "kd", "hidden"}
+    assert loss.item() == pytest.approx(0.3 * parts["ce"].item() + 0.7 * parts["kd"].item() + parts["hidden"].item(), rel=1e-5)
+    assert not teacher.module.training and projection.weight.grad is not None
+    for name, tensor in teacher.module.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(p.grad is None and not p.requires_grad for p in teacher.module.parameters())
+
+
+@pytest.mark.parametrize("mode", [["--kd_loss=forward"], ["--kd_loss=reverse", "--temperature=2"],
+                                  ["--online", "--hidden_weight=0.5"]])
+def test_distillation_runs_and_logs_its_parts(dataset, teacher_ckpt, tmp_path, mode):
+    checkpoint = run_distill(dataset, teacher_ckpt, tmp_path, "--max_iters=20", "--top_k=8", *mode)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert all(r["ce"] > 0 and r["kd"] >= 0 for r in steps)
+    assert steps[-1]["kd"] < steps[0]["kd"]  # the student moves towards the teacher
+    assert records[-1]["val_bpb"] < 8.0 and checkpoint["step"] == 20
+    if "--online" not in mode:
+        assert json.loads((tmp_path / "teacher_cache" / "meta.json").read_text())["top_k"] == 8
+
+
+def test_bad_settings_are_one_line_errors(dataset, teacher_ckpt, tmp_path):
+    for args, message in [(["--kd_loss=sideways"], "forward, reverse"), (["--hidden_weight=1"], "add --online"),
+                          (["--alpha=1.5"], "alpha"), (["--teacher=" + str(tmp_path / "none.pt")], "train one first")]:
+        with pytest.raises(UserError, match=message):
+            distill.main(["--dataset=" + dataset, "--teacher=" + str(teacher_ckpt), "--out_dir=" + str(tmp_path),
+                          *TINY, "--max_iters=1", *args])
+    result = subprocess.run([sys.executable, "distill.py", "--temprature=2"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip() == "error: unknown option --temprature: did you mean --temperature?"
+
+
+# ----------------------------------------------------------------------------
+# a Hugging Face teacher, built offline
+
+@pytest.fixture(scope="module")
+def hf_teacher(tmp_path_factory, corpus_text):
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face teacher path needs transformers")
+    tokenizers = pytest.importorskip("tokenizers", reason="building a tokenizer offline needs tokenizers")
+    folder = tmp_path_factory.mktemp("hf_teacher")
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator([corpus_text.decode()], vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    data = prepare.prepare(prepare.PrepareConfig(input=str(folder / "tokenizer.json"), tokenization="hf",
+                                                 tokenizer_dir=str(folder), data_dir=str(folder)))
+    return folder, str(data)
+
+
+def test_hf_tokenization_round_trips_bytes(hf_teacher, corpus_text):
+    folder, data = hf_teacher
+    meta = json.loads((Path(data) / "meta.json").read_text())
+    assert meta["tokenization"] == "hf:" + str(folder.resolve())
+    ids = np.fromfile(Path(data) / "train.bin", dtype=meta["dtype"])
+    table = token_byte_table(meta["tokenization"])
+    assert len(table) == meta["vocab_size"]
+    assert sum(len(table[i]) for i in ids) == meta["train_bytes"]  # bits per byte divides by the true byte count
+
+
+@pytest.mark.parametrize("mode", [[], ["--online", "--hidden_weight=0.1"]])
+def test_hf_teacher_distills(hf_teacher, tmp_path, mode):
+    folder, data = hf_teacher
+    checkpoint = run_distill(data, folder, tmp_path, "--max_iters=10", "--top_k=8", *mode)
+    assert checkpoint["step"] == 10 and checkpoint["model_config"]["vocab_size"] == json.loads(
+        (Path(data) / "meta.json").read_text())["vocab_size"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["kd"]) for r in records if "kd" in r)
+
+
+def test_teacher_of_another_tokenization_is_refused(hf_teacher, teacher_ckpt, dataset, tmp_path):
+    folder, hf_data = hf_teacher
+    with pytest.raises(UserError, match="teacher's tokenization"):
+        run_distill(hf_data, teacher_ckpt, tmp_path, "--max_iters=1")  # a bytes teacher on hf tokens
+    with pytest.raises(UserError, match="tokenization=hf"):
+        run_distill(dataset, folder, tmp_path, "--max_iters=1")  # a Hugging Face teacher on bytes
