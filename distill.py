@@ -24,8 +24,7 @@ distillation runs at student speed. The teacher reads the data in windows of
 `teacher_context` tokens (default: the student's block_size) that overlap
 by half (`cache_stride`): every position is predicted from the window in which
 it has at least half a window of context (the first window's positions
-excepted). The
-student's batches are train.py's own random windows, and each target position
+excepted). The student's batches are train.py's own random windows, and each target position
 looks its teacher prediction up by position: the teacher saw between half a
 window and a window of context for it, the student anything from 0 tokens to
 a window, so the soft targets sometimes know more than the student can.
