@@ -157,7 +157,8 @@ class Segmenter:
         return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
     def to_meta(self):
-        return {"segmenter": self.name, "max_chunk_bytes": self.max_chunk_bytes, "fixed_chunk_bytes": self.fixed_chunk_bytes}
+        return {"segmenter": self.name, "max_chunk_bytes": self.max_chunk_bytes,
+                "fixed_chunk_bytes": self.fixed_chunk_bytes}
 
     @classmethod
     def from_meta(cls, meta):

@@ -366,10 +366,9 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             tokens = window if cache is None else unseen
             h = self.hidden_states(tokens, cache)[:, -1]
-            if self.config.embedder == "pooled":
-                next_token = self.lm_head.sample(h, lambda logits: sample_next(logits, temperature, top_k, top_p, generator))
-            else:
-                next_token = sample_next(self.lm_head(h), temperature, top_k, top_p, generator)
+            pick = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)  # noqa: E731
+            # a pooled model's head picks the next chunk byte by byte
+            next_token = self.lm_head.sample(h, pick) if self.config.embedder == "pooled" else pick(self.lm_head(h))
             yield next_token
             window = torch.cat([window, next_token], dim=1)
             unseen = next_token

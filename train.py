@@ -9,8 +9,9 @@ Train a GPT on the binaries written by data/prepare.py.
 Any GPTConfig key (--n_layer=6, --pos=rope, ...) overrides the preset.
 Validation reports bits per byte, the one metric that compares models across
 tokenizations. Pooled data (byte chunks, data/prepare.py --tokenization=pooled)
-trains a pooled model with the same commands: the data picks the embedder. Each evaluation writes out_dir/ckpt.pt atomically, with all a
-resume needs; Ctrl-C writes one too before exiting. Metrics are appended to
+trains a pooled model with the same commands: the data picks the embedder.
+Each evaluation writes out_dir/ckpt.pt atomically, with all a resume needs;
+Ctrl-C writes one too before exiting. Metrics are appended to
 out_dir/metrics.jsonl.
 
 The loop is a set of functions (load_dataset, get_batch, evaluate, train_loop)

@@ -1,4 +1,4 @@
-"""byte_tokenizer.py: segmenters, the lossless codec, pooling, the byte decoder, bits per byte, and pooled end to end."""
+"""byte_tokenizer.py: segmenters, the lossless codec, pooling, the byte decoder, bits per byte, pooled end to end."""
 
 import json
 import math
@@ -243,7 +243,8 @@ def test_prepare_train_sample_pooled(tmp_path):
     dataset = train.load_dataset(str(folder), block_size=16)
     assert dataset.meta["segmenter"] == "space" and len(dataset.train) == dataset.meta["train_tokens"]
     everything = dataset.train[np.arange(len(dataset.train))]
-    assert b"".join(bt.chunk_bytes(row) for row in everything) == (tmp_path / "tiny.txt").read_bytes()[:dataset.meta["train_bytes"]]
+    train_text = (tmp_path / "tiny.txt").read_bytes()[:dataset.meta["train_bytes"]]
+    assert b"".join(bt.chunk_bytes(row) for row in everything) == train_text
 
     out = tmp_path / "out"
     train.main([f"--dataset={folder}", f"--out_dir={out}", *TINY, "--max_iters=200"])
