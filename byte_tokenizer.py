@@ -46,6 +46,11 @@ DECODER_SYMBOLS = BYTE_VALUES + 1  # 256 bytes and one of the two symbols above
 PAD = -1  # padding in a batch of chunks; also ignored by the loss
 MAX_CHUNK_BYTES = 16  # longer chunks are split; 99.9% of GPT-2 tokens in English text are shorter
 FIXED_CHUNK_BYTES = 4  # the fixed segmenter's chunk size: about a GPT-2 token's mean length in English
+# default sizes of the encoder and decoder: small next to the core, and cheap, as they run on every byte
+BYTE_WIDTH = 64
+BYTE_HEADS = 2  # head size 32: fewer, wider heads run faster over such short sequences
+ENCODER_LAYERS = 1
+DECODER_LAYERS = 2
 SEGMENTERS = ("gpt2", "space", "fixed")
 POOLINGS = ("mean", "attention")
 GPT2_ENCODING = "gpt2"
@@ -412,10 +417,10 @@ class ShowConfig:
     max_chunk_bytes: int = MAX_CHUNK_BYTES
     fixed_chunk_bytes: int = FIXED_CHUNK_BYTES
     n_embd: int = 128  # the core's width (cpu-tiny)
-    byte_width: int = 64
-    byte_heads: int = 2
-    encoder_layers: int = 1
-    decoder_layers: int = 2
+    byte_width: int = BYTE_WIDTH
+    byte_heads: int = BYTE_HEADS
+    encoder_layers: int = ENCODER_LAYERS
+    decoder_layers: int = DECODER_LAYERS
 
 
 DEFAULT_TEXT = "Super tiny models: naïve café, 東京, 🙂!"

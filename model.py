@@ -66,10 +66,10 @@ class GPTConfig:
     # embedder and head (byte_tokenizer.py); embedder and max_chunk_bytes come from the data
     embedder: str = "tokens"  # tokens | pooled: one vector per token id, or per chunk of bytes
     max_chunk_bytes: int = byte_tokenizer.MAX_CHUNK_BYTES
-    byte_width: int = 64  # width of the pooling encoder and the byte decoder
-    byte_heads: int = 2  # head size 32: fewer, wider heads run faster over such short sequences
-    encoder_layers: int = 1  # bidirectional layers over a chunk's bytes before pooling
-    decoder_layers: int = 2  # causal layers of the byte decoder
+    byte_width: int = byte_tokenizer.BYTE_WIDTH  # width of the pooling encoder and the byte decoder
+    byte_heads: int = byte_tokenizer.BYTE_HEADS
+    encoder_layers: int = byte_tokenizer.ENCODER_LAYERS  # bidirectional layers over a chunk's bytes before pooling
+    decoder_layers: int = byte_tokenizer.DECODER_LAYERS  # causal layers of the byte decoder
     pooling: str = "mean"  # mean | attention
 
     @property

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: find cli.py
-from byte_tokenizer import OFFSETS_DTYPE, Segmenter  # noqa: E402
+from byte_tokenizer import FIXED_CHUNK_BYTES, MAX_CHUNK_BYTES, OFFSETS_DTYPE, Segmenter  # noqa: E402
 from cli import UserError, parse_config, run  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -56,8 +56,8 @@ class PrepareConfig:
     tokenization: str = "bytes"  # bytes | bpe | pooled
     name: str = ""  # output folder under the data folder; empty = <first input's stem or "default">_<tokenization>
     segmenter: str = "gpt2"  # pooled only: gpt2 | space | fixed (byte_tokenizer.py); the folder name gets _<segmenter>
-    max_chunk_bytes: int = 16  # pooled only: longer chunks are split
-    fixed_chunk_bytes: int = 4  # pooled only: the fixed segmenter's chunk size
+    max_chunk_bytes: int = MAX_CHUNK_BYTES  # pooled only: longer chunks are split, never cut
+    fixed_chunk_bytes: int = FIXED_CHUNK_BYTES  # pooled only: the fixed segmenter's chunk size
     val_fraction: float = 0.1  # the last this-much of the corpus is the validation split
     data_dir: str = ""  # where dataset folders go; empty = the folder holding this script
 

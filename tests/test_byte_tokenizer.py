@@ -208,7 +208,8 @@ def test_pooled_embedder_and_head_are_under_a_tenth_of_a_tied_gpt2_embedding(n_e
     model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=n_embd, embedder="pooled"))
     pooled = sum(p.numel() for m in (model.wte, model.lm_head) for p in m.parameters())
     assert pooled <= 0.10 * bt.GPT2_VOCAB * n_embd
-    assert pooled == bt.pooled_parameters(n_embd, 64, 2, 1, 2, bt.MAX_CHUNK_BYTES)
+    assert pooled == bt.pooled_parameters(n_embd, bt.BYTE_WIDTH, bt.BYTE_HEADS, bt.ENCODER_LAYERS, bt.DECODER_LAYERS,
+                                          bt.MAX_CHUNK_BYTES)
 
 
 def test_generation_streams_whole_chunks_and_the_cache_changes_nothing():
