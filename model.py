@@ -15,6 +15,11 @@ A decoder-only GPT in the style of nanoGPT, with the knobs that matter for
 - generation with a KV cache, and checkpoints written atomically and loaded
   with `weights_only=True`.
 
+The embedder and head around the core are picked by `embedder`: `tokens` (a
+row per token id, BPE or plain bytes, vocab_size from the data) or `pooled`
+(byte_tokenizer.py: each chunk's bytes pooled into one vector, and a byte
+decoder for the next chunk). The data decides which; the core is the same.
+
 `python model.py` prints the presets' parameter table and runs one forward pass.
 """
 
@@ -30,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import byte_tokenizer
 import reparam
 from cli import UserError
 
@@ -62,6 +68,14 @@ class GPTConfig:
     anneal_iters: int = 1000  # rep_anneal: training steps until those channels are exactly linear
     ffn_merged: bool = False  # set by reparam.py: the rep_* FFN is merged into its inference form
     ffn_norm_folded: bool = False  # set by reparam.py: ln_2's scale and shift are folded into the FFN
+    # embedder and head (byte_tokenizer.py); embedder and max_chunk_bytes come from the data
+    embedder: str = "tokens"  # tokens | pooled: one vector per token id, or per chunk of bytes
+    max_chunk_bytes: int = byte_tokenizer.MAX_CHUNK_BYTES
+    byte_width: int = byte_tokenizer.BYTE_WIDTH  # width of the pooling encoder and the byte decoder
+    byte_heads: int = byte_tokenizer.BYTE_HEADS
+    encoder_layers: int = byte_tokenizer.ENCODER_LAYERS  # bidirectional layers over a chunk's bytes before pooling
+    decoder_layers: int = byte_tokenizer.DECODER_LAYERS  # causal layers of the byte decoder
+    pooling: str = "mean"  # mean | attention
 
     @property
     def head_dim(self):
@@ -84,17 +98,20 @@ class GPTConfig:
     def validate(self):
         """Raise a UserError naming the first inconsistent setting."""
         choices = {"ffn": ("gelu", "swiglu", *reparam.FFN_TYPES), "norm": ("layernorm", "rmsnorm"),
-                   "pos": ("learned", "rope")}
+                   "pos": ("learned", "rope"), "embedder": ("tokens", "pooled"), "pooling": byte_tokenizer.POOLINGS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{key}={getattr(self, key)} is not one of {', '.join(allowed)}")
-        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "block_repeat"):
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "block_repeat", "max_chunk_bytes",
+                    "byte_width", "byte_heads"):
             if getattr(self, key) < 1:
                 raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
         if self.n_embd % self.n_head:
             raise UserError(f"--n_embd={self.n_embd} must be divisible by --n_head={self.n_head}")
         if self.n_head % self.kv_heads:
             raise UserError(f"--n_head={self.n_head} must be divisible by --n_kv_head={self.kv_heads}")
+        if self.byte_width % self.byte_heads:
+            raise UserError(f"--byte_width={self.byte_width} must be divisible by --byte_heads={self.byte_heads}")
         if self.pos == "rope" and self.head_dim % 2:
             raise UserError(f"rotary positions need an even head size, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -247,15 +264,23 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.embedder == "pooled":
+            # a chunk's bytes in, the next chunk's bytes out: no vocabulary-sized matrix to tie
+            byte_sizes = (config.byte_width, config.byte_heads)
+            self.wte = byte_tokenizer.PooledEmbedder(config.n_embd, *byte_sizes, config.encoder_layers,
+                                                     config.max_chunk_bytes, config.pooling)
+            self.lm_head = byte_tokenizer.ByteDecoder(config.n_embd, *byte_sizes, config.decoder_layers,
+                                                      config.max_chunk_bytes)
+        else:
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.wte.weight
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         shared_ffn = make_ffn(config) if config.share_ffn else None
         self.h = nn.ModuleList([Block(config, shared_ffn or make_ffn(config)) for _ in range(config.n_layer)])
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
         if config.pos == "rope":
             cos, sin = rotary_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -276,9 +301,8 @@ class GPT(nn.Module):
 
     def num_params(self):
         """Parameter counts split into embedding + head and the transformer core (shared ones counted once)."""
-        embedding_params = {id(self.wte.weight), id(self.lm_head.weight)}
-        if self.wpe is not None:
-            embedding_params.add(id(self.wpe.weight))
+        outer = [m for m in (self.wte, self.lm_head, self.wpe) if m is not None]
+        embedding_params = {id(p) for m in outer for p in m.parameters()}
         embedding = sum(p.numel() for p in self.parameters() if id(p) in embedding_params)
         total = sum(p.numel() for p in self.parameters())
         return {"embedding": embedding, "core": total - embedding, "total": total}
@@ -290,8 +314,11 @@ class GPT(nn.Module):
                 module.steps_done.fill_(steps_done)
 
     def hidden_states(self, idx, cache=None):
-        """Final-norm outputs (B, T, n_embd) for token ids idx (B, T), continuing `cache` if given."""
-        B, T = idx.size()
+        """
+        Final-norm outputs (B, T, n_embd) for token ids idx (B, T), or chunks
+        (B, T, L) for a pooled model, continuing `cache` if given.
+        """
+        T = idx.size(1)
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
@@ -311,12 +338,25 @@ class GPT(nn.Module):
             cache.length += T
         return self.ln_f(x)
 
-    def forward(self, idx, targets=None):
-        """Logits (B, T, vocab) and, when targets are given, the mean cross-entropy in nats."""
-        logits = self.lm_head(self.hidden_states(idx))
+    def forward(self, idx, targets=None, reduction="mean"):
+        """
+        Logits (B, T, vocab) and, when targets are given, the cross-entropy in
+        nats: the mean per token, or the sum with reduction="sum". A pooled
+        model needs the target chunks (B, T, L): its byte decoder reads them
+        (teacher forcing) and returns logits (P, 257), one row per predicted
+        byte or end of chunk (see byte_tokenizer.ByteDecoder); its mean is per
+        byte of text.
+        """
+        h = self.hidden_states(idx)
+        if self.config.embedder == "pooled":
+            if targets is None:
+                raise ValueError("a pooled model predicts a chunk's bytes given the chunk: pass targets")
+            logits = self.lm_head(h, targets)
+            return logits, byte_tokenizer.chunk_loss(logits, targets, reduction)
+        logits = self.lm_head(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
         return logits, loss
 
     @torch.inference_mode()
@@ -324,6 +364,8 @@ class GPT(nn.Module):
                         use_cache=True, generator=None):
         """
         Yield (B, 1) sampled tokens one at a time, continuing the prompt idx (B, T).
+        A pooled model yields chunks (B, 1, max_chunk_bytes), each sampled byte
+        by byte, continuing prompt chunks (B, T, max_chunk_bytes).
 
         The model sees at most block_size tokens. With the cache, once the
         context is full it is rebuilt from the newest half of it (one prefill
@@ -334,12 +376,14 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         keep = block_size - block_size // 2  # tokens kept when the window is full
         window = idx[:, -block_size:]  # the tokens the model conditions on
-        cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype) if use_cache else None
+        cache = KVCache(self.config, idx.size(0), idx.device, self.ln_f.weight.dtype) if use_cache else None
         unseen = window  # tokens the cache has not yet seen
         for _ in range(max_new_tokens):
             tokens = window if cache is None else unseen
-            logits = self.lm_head(self.hidden_states(tokens, cache)[:, -1])
-            next_token = sample_next(logits, temperature, top_k, top_p, generator)
+            h = self.hidden_states(tokens, cache)[:, -1]
+            pick = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)  # noqa: E731
+            # a pooled model's head picks the next chunk byte by byte
+            next_token = self.lm_head.sample(h, pick) if self.config.embedder == "pooled" else pick(self.lm_head(h))
             yield next_token
             window = torch.cat([window, next_token], dim=1)
             unseen = next_token
@@ -385,8 +429,14 @@ def _gpt2_encoding():
     return tiktoken.get_encoding(GPT2_ENCODING)
 
 
-def encode_text(tokenization, text):
-    """Token ids of a string (a prompt), as data/prepare.py would tokenize it."""
+def encode_text(tokenization, text, meta=None):
+    """
+    Token ids of a string (a prompt), as data/prepare.py would tokenize it; for
+    pooled data (meta names its segmenter) rows of chunk bytes padded to max_chunk_bytes.
+    """
+    if tokenization == "pooled":
+        segmenter = byte_tokenizer.Segmenter.from_meta(meta)
+        return byte_tokenizer.pad_chunks(segmenter.split(text), segmenter.max_chunk_bytes).tolist()
     if tokenization == "bytes":
         return list(text.encode("utf-8"))
     if tokenization == "bpe":
@@ -448,6 +498,14 @@ def _hf_token_bytes(tokenizer):
         else:
             table.append(tokenizer.decode([i]).encode("utf-8"))
     return table
+
+
+def unit_to_bytes(tokenization):
+    """A function from one generated unit (a (1, 1) token id, or a pooled model's chunk) to its bytes."""
+    if tokenization == "pooled":
+        return byte_tokenizer.chunk_bytes
+    table = token_byte_table(tokenization)
+    return lambda unit: table[unit.item()]
 
 
 # ----------------------------------------------------------------------------

@@ -7,7 +7,9 @@ Generate text from a checkpoint written by train.py, streaming it as it comes.
 
 Generation uses the KV cache: each new token costs one position's work, not
 a pass over the whole context. Bytes that do not form valid UTF-8 (a byte
-model can emit any byte) are shown as the replacement character.
+model can emit any byte) are shown as the replacement character. A pooled
+model streams chunk by chunk, each sampled byte by byte; --max_new_tokens
+then counts chunks.
 """
 
 import codecs
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError, parse_config, run
-from model import encode_text, load_checkpoint, model_from_checkpoint, token_byte_table
+from model import encode_text, load_checkpoint, model_from_checkpoint, unit_to_bytes
 
 
 @dataclass
@@ -47,8 +49,8 @@ def read_prompt(prompt):
     return prompt
 
 
-def stream_sample(model, prompt_ids, table, config, generator, out=sys.stdout):
-    """Write one sample to out as it is generated; return the number of new tokens."""
+def stream_sample(model, prompt_ids, to_bytes, config, generator, out=sys.stdout):
+    """Write one sample to out as it is generated; return the number of new tokens (or chunks)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character until it completes
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -56,7 +58,7 @@ def stream_sample(model, prompt_ids, table, config, generator, out=sys.stdout):
     for token in model.generate_stream(
             idx, config.max_new_tokens, temperature=config.temperature, top_k=config.top_k or None,
             top_p=config.top_p, use_cache=config.use_cache, generator=generator):
-        out.write(decoder.decode(table[token.item()]))
+        out.write(decoder.decode(to_bytes(token)))
         out.flush()
         n_tokens += 1
     out.write(decoder.decode(b"", final=True) + "\n")
@@ -77,15 +79,15 @@ def main(argv=None):
     checkpoint = load_checkpoint(config.ckpt, device)
     model = model_from_checkpoint(checkpoint).to(device)
     tokenization = checkpoint["data_meta"]["tokenization"]
-    table = token_byte_table(tokenization)
-    prompt_ids = encode_text(tokenization, read_prompt(config.prompt))
+    to_bytes = unit_to_bytes(tokenization)
+    prompt_ids = encode_text(tokenization, read_prompt(config.prompt), checkpoint["data_meta"])
     if not prompt_ids:
         raise UserError("the prompt is empty: pass --prompt=TEXT (the default is a newline)")
     generator = torch.Generator(device=device).manual_seed(config.seed)
     for i in range(config.num_samples):
         sys.stdout.write(read_prompt(config.prompt))
         t0 = time.perf_counter()
-        n_tokens = stream_sample(model, prompt_ids, table, config, generator)
+        n_tokens = stream_sample(model, prompt_ids, to_bytes, config, generator)
         elapsed = time.perf_counter() - t0
         print(f"--- {n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:,.0f} tokens/s", file=sys.stderr)
 

@@ -8,8 +8,10 @@ Train a GPT on the binaries written by data/prepare.py.
 
 Any GPTConfig key (--n_layer=6, --pos=rope, ...) overrides the preset.
 Validation reports bits per byte, the one metric that compares models across
-tokenizations. Each evaluation writes out_dir/ckpt.pt atomically, with all a
-resume needs; Ctrl-C writes one too before exiting. Metrics are appended to
+tokenizations. Pooled data (byte chunks, data/prepare.py --tokenization=pooled)
+trains a pooled model with the same commands: the data picks the embedder.
+Each evaluation writes out_dir/ckpt.pt atomically, with all a resume needs;
+Ctrl-C writes one too before exiting. Metrics are appended to
 out_dir/metrics.jsonl.
 
 The loop is a set of functions (load_dataset, get_batch, evaluate, train_loop)
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from byte_tokenizer import OFFSETS_DTYPE, ChunkedBytes
 from cli import UserError, parse_config, run
 from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, preset_config, save_checkpoint, token_byte_table
 
@@ -112,9 +115,9 @@ def pick_device(name):
 @dataclass
 class Dataset:
     meta: dict
-    train: np.ndarray
+    train: np.ndarray  # token ids, or ChunkedBytes for pooled data: indexed alike
     val: np.ndarray
-    token_bytes: torch.Tensor  # bytes of text each token id stands for (bits per byte)
+    token_bytes: torch.Tensor  # bytes of text each token id stands for (bits per byte); None for pooled data
 
 
 def load_dataset(name, block_size):
@@ -125,17 +128,24 @@ def load_dataset(name, block_size):
         raise UserError(f"no prepared dataset at {folder}: run python data/prepare.py (see its --help)")
     meta = json.loads(meta_path.read_text())
     splits = {}
+    pooled = meta["tokenization"] == "pooled"
     for split in ("train", "val"):
         splits[split] = np.memmap(folder / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+        if pooled:  # the raw bytes plus where each chunk starts
+            offsets = np.memmap(folder / f"{split}.chunks.bin", dtype=np.dtype(OFFSETS_DTYPE), mode="r")
+            splits[split] = ChunkedBytes(splits[split], offsets, meta["max_chunk_bytes"])
         if len(splits[split]) < block_size + 1:
             raise UserError(f"{folder.name}'s {split} split has {len(splits[split])} tokens, fewer than the context "
                             f"needs ({block_size} + 1): use a larger corpus or a smaller --block_size")
-    token_bytes = torch.tensor([len(b) for b in token_byte_table(meta["tokenization"])])
+    token_bytes = None if pooled else torch.tensor([len(b) for b in token_byte_table(meta["tokenization"])])
     return Dataset(meta, splits["train"], splits["val"], token_bytes)
 
 
 def get_batch(data, batch_size, block_size, generator, device):
-    """Random windows of data: inputs (B, T) and the same windows shifted by one token as targets."""
+    """
+    Random windows of data: inputs (B, T) and the same windows shifted by one
+    token as targets; for pooled data (B, T, L) chunks, shifted by one chunk.
+    """
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
     windows = windows.to(device, non_blocking=True)
@@ -148,6 +158,13 @@ def get_batch(data, batch_size, block_size, generator, device):
 def bits_per_byte(total_nats, total_bytes):
     """Total negative log-likelihood in nats, converted to bits and spread over the text's bytes."""
     return total_nats / (math.log(2) * total_bytes)
+
+
+def predicted_bytes(y, token_bytes):
+    """Bytes of text the targets stand for: each token's bytes, or a pooled chunk's bytes (padding is < 0)."""
+    if token_bytes is None:
+        return (y >= 0).sum().item()
+    return token_bytes[y.cpu()].sum().item()
 
 
 @torch.no_grad()
@@ -169,10 +186,10 @@ def evaluate(model, data, token_bytes, block_size, max_tokens=0, batch_size=64, 
         windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)).to(device)
         x, y = windows[:, :-1], windows[:, 1:]
         with autocast:
-            logits, _ = model(x)
-        total_nats += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        total_tokens += y.numel()
-        total_bytes += token_bytes[y.cpu()].sum().item()
+            _, nats = model(x, y, reduction="sum")
+        total_nats += nats.item()
+        total_tokens += y.size(0) * y.size(1)  # tokens, or chunks
+        total_bytes += predicted_bytes(y, token_bytes)
     model.train(was_training)
     return {"val_loss": total_nats / total_tokens, "val_bpb": bits_per_byte(total_nats, total_bytes)}
 
@@ -373,6 +390,14 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
     return result
 
 
+def model_keys_from_data(meta):
+    """The model settings the data decides: the vocabulary, and for pooled data the embedder and chunk size."""
+    keys = {"vocab_size": meta["vocab_size"], "embedder": "tokens"}
+    if meta["tokenization"] == "pooled":
+        keys.update(embedder="pooled", max_chunk_bytes=meta["max_chunk_bytes"])
+    return keys
+
+
 def setup(config, model_config, checkpoint=None):
     """
     Processes, device, data, model, optimizer and loop state for a run,
@@ -395,11 +420,12 @@ def setup(config, model_config, checkpoint=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dataset = load_dataset(config.dataset, model_config.block_size)
-    if checkpoint is None:
-        model_config.vocab_size = dataset.meta["vocab_size"]  # the data decides the vocabulary
-    elif model_config.vocab_size != dataset.meta["vocab_size"]:
-        raise UserError(f"the checkpoint's vocabulary ({model_config.vocab_size}) does not match "
-                        f"{config.dataset}'s ({dataset.meta['vocab_size']}): resume on the data it was trained on")
+    for key, value in model_keys_from_data(dataset.meta).items():
+        if checkpoint is None:
+            setattr(model_config, key, value)
+        elif getattr(model_config, key) != value:
+            raise UserError(f"the checkpoint's {key} ({getattr(model_config, key)}) does not match "
+                            f"{config.dataset}'s ({value}): resume on the data it was trained on")
     torch.manual_seed(config.seed)  # the same initial weights in every process
     model = GPT(model_config).to(device)
     optimizer = make_optimizer(model, config, device)

@@ -3,6 +3,7 @@ Turn text files into training data: data/<name>/train.bin, val.bin, meta.json.
 
     python data/prepare.py                                  # tinyshakespeare, bytes
     python data/prepare.py --tokenization=bpe               # the same text, GPT-2 BPE
+    python data/prepare.py --tokenization=pooled --segmenter=space  # byte chunks for a pooled model
     python data/prepare.py --input=a.txt,b.txt --name=mine  # your own files
     python data/prepare.py --input a.txt b.txt              # argparse style works too
 
@@ -17,6 +18,10 @@ character boundary so both tokenizations split exactly the same text.
 - bpe:   tiktoken's GPT-2 encoding, vocab 50257, stored as uint16
 - hf:    a Hugging Face tokenizer from a local folder (--tokenizer_dir, e.g. a
          distillation teacher's), recorded as "hf:<folder>"; needs transformers
+- pooled: the raw bytes as for bytes, plus {train,val}.chunks.bin: uint32 offsets
+  of the chunk boundaries (0, end of chunk 1, ..., length) from byte_tokenizer's
+  segmenter (gpt2 | space | fixed); meta.json records the segmenter and its
+  max_chunk_bytes. A token count is then a chunk count.
 meta.json (never pickle) holds the vocab, dtype, token and byte counts: the
 byte counts are what bits per byte divides by.
 """
@@ -33,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: find cli.py
+from byte_tokenizer import FIXED_CHUNK_BYTES, MAX_CHUNK_BYTES, OFFSETS_DTYPE, Segmenter  # noqa: E402
 from cli import UserError, parse_config, run  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -43,16 +49,20 @@ STDLIB_CORPUS_BYTES = 3_000_000  # about 3x tinyshakespeare: enough text to lear
 BYTE_VOCAB = 256
 BPE_ENCODING = "gpt2"
 UTF8_MAX_CONTINUATION = 3  # a UTF-8 character is one lead byte and at most 3 continuation bytes
-TOKENIZATIONS = {"bytes": "uint8", "bpe": "uint16", "hf": "uint32"}  # the smallest dtype that holds every token id
+# the smallest dtype that holds every token id (hf: uint16 when its vocabulary fits, see hf_dtype)
+TOKENIZATIONS = {"bytes": "uint8", "bpe": "uint16", "hf": "uint32", "pooled": "uint8"}
 HF_PREFIX = "hf:"  # meta.json's tokenization for a Hugging Face tokenizer: "hf:<folder>"
 
 
 @dataclass
 class PrepareConfig:
     input: str = ""  # comma-separated text files; empty = the default corpus (tinyshakespeare)
-    tokenization: str = "bytes"  # bytes | bpe | hf
+    tokenization: str = "bytes"  # bytes | bpe | hf | pooled
     tokenizer_dir: str = ""  # for --tokenization=hf: a folder with a Hugging Face tokenizer (or a .gguf file)
     name: str = ""  # output folder under the data folder; empty = <first input's stem or "default">_<tokenization>
+    segmenter: str = "gpt2"  # pooled only: gpt2 | space | fixed (byte_tokenizer.py); the folder name gets _<segmenter>
+    max_chunk_bytes: int = MAX_CHUNK_BYTES  # pooled only: longer chunks are split, never cut
+    fixed_chunk_bytes: int = FIXED_CHUNK_BYTES  # pooled only: the fixed segmenter's chunk size
     val_fraction: float = 0.1  # the last this-much of the corpus is the validation split
     data_dir: str = ""  # where dataset folders go; empty = the folder holding this script
 
@@ -155,7 +165,7 @@ def tokenize(data, tokenization, encoding=None):
     the bytes are decoded with invalid sequences replaced by U+FFFD, so the
     count is of the text after replacement: what the tokens decode back to.
     """
-    if tokenization == "bytes":
+    if tokenization in ("bytes", "pooled"):
         return np.frombuffer(data, dtype=np.uint8).copy(), len(data)
     if tokenization == "bpe":
         encoding = encoding or load_bpe()
@@ -197,6 +207,8 @@ def dataset_name(config):
     if config.name:
         return config.name
     stem = Path(config.input.split(",")[0]).stem if config.input else "default"
+    if config.tokenization == "pooled":
+        return f"{stem}_pooled_{config.segmenter}"
     return f"{stem}_{config.tokenization}"
 
 
@@ -207,6 +219,8 @@ def prepare(config):
     if not 0.0 < config.val_fraction < 1.0:
         raise UserError(f"--val_fraction must be between 0 and 1, got {config.val_fraction}")
     data_dir = Path(config.data_dir) if config.data_dir else DATA_DIR
+    pooled = config.tokenization == "pooled"
+    segmenter = Segmenter(config.segmenter, config.max_chunk_bytes, config.fixed_chunk_bytes) if pooled else None
 
     if config.input:
         sources = [p for p in config.input.split(",") if p]
@@ -225,6 +239,11 @@ def prepare(config):
         encoding = load_hf(config.tokenizer_dir)
     train_ids, train_bytes = tokenize(data[:cut], config.tokenization, encoding)
     val_ids, val_bytes = tokenize(data[cut:], config.tokenization, encoding)
+    out_dir = data_dir / dataset_name(config)
+    if pooled:
+        offsets = {"train": segmenter.offsets(data[:cut]), "val": segmenter.offsets(data[cut:])}
+        for split in ("train", "val"):
+            write_atomic(out_dir / f"{split}.chunks.bin", offsets[split].astype(OFFSETS_DTYPE).tobytes())
 
     meta = {
         "tokenization": config.tokenization,
@@ -232,8 +251,8 @@ def prepare(config):
         "dtype": TOKENIZATIONS[config.tokenization],
         "corpus": corpus,
         "sources": [str(s) for s in sources],
-        "train_tokens": len(train_ids),
-        "val_tokens": len(val_ids),
+        "train_tokens": len(offsets["train"]) - 1 if pooled else len(train_ids),  # chunks for pooled data
+        "val_tokens": len(offsets["val"]) - 1 if pooled else len(val_ids),
         "train_bytes": train_bytes,
         "val_bytes": val_bytes,
     }
@@ -243,7 +262,8 @@ def prepare(config):
         # the name model.encode_text / token_byte_table read, so bits per byte and sampling work
         meta.update({"tokenization": HF_PREFIX + str(Path(config.tokenizer_dir).resolve()),
                      "vocab_size": len(encoding), "dtype": hf_dtype(encoding)})
-    out_dir = data_dir / dataset_name(config)
+    if pooled:
+        meta.update(segmenter.to_meta())
     write_atomic(out_dir / "train.bin", train_ids.tobytes())
     write_atomic(out_dir / "val.bin", val_ids.tobytes())
     # meta.json last: its presence means the binaries beside it are complete
