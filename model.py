@@ -442,7 +442,7 @@ def encode_text(tokenization, text, meta=None):
     if tokenization == "bpe":
         return _gpt2_encoding().encode_ordinary(text)
     if tokenization.startswith(HF_PREFIX):
-        return _hf_tokenizer(tokenization).encode(text, add_special_tokens=False)
+        return load_hf_tokenizer(tokenization[len(HF_PREFIX):]).encode(text, add_special_tokens=False)
     raise UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe or hf:<tokenizer folder>")
 
 
@@ -458,7 +458,7 @@ def token_byte_table(tokenization):
         encoding = _gpt2_encoding()
         return [encoding.decode_single_token_bytes(i) for i in range(encoding.n_vocab)]
     if tokenization.startswith(HF_PREFIX):
-        return _hf_token_bytes(_hf_tokenizer(tokenization))
+        return _hf_token_bytes(load_hf_tokenizer(tokenization[len(HF_PREFIX):]))
     raise UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe or hf:<tokenizer folder>")
 
 
@@ -467,14 +467,15 @@ def token_byte_table(tokenization):
 HF_PREFIX = "hf:"
 
 
-def _hf_tokenizer(tokenization):
+def load_hf_tokenizer(folder):
+    """A Hugging Face tokenizer from a local folder, or from a .gguf file (data/prepare.py uses this too)."""
     try:
         from transformers import AutoTokenizer  # only hf tokenizations need it
     except ImportError:
-        raise UserError(f"tokenization {tokenization!r} needs transformers: pip install transformers") from None
-    folder = Path(tokenization[len(HF_PREFIX):])
+        raise UserError("a Hugging Face tokenizer needs transformers: pip install transformers") from None
+    folder = Path(folder)
     if not folder.exists():
-        raise UserError(f"tokenizer folder {folder} not found (tokenization {tokenization!r})")
+        raise UserError(f"tokenizer folder {folder} not found")
     if folder.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(folder.parent, gguf_file=folder.name)
     return AutoTokenizer.from_pretrained(folder)

@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: find cli.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: find the project modules
 from byte_tokenizer import FIXED_CHUNK_BYTES, MAX_CHUNK_BYTES, OFFSETS_DTYPE, Segmenter  # noqa: E402
 from cli import UserError, parse_config, run  # noqa: E402
+from model import HF_PREFIX, load_hf_tokenizer  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -51,7 +52,6 @@ BPE_ENCODING = "gpt2"
 UTF8_MAX_CONTINUATION = 3  # a UTF-8 character is one lead byte and at most 3 continuation bytes
 # the smallest dtype that holds every token id (hf: uint16 when its vocabulary fits, see hf_dtype)
 TOKENIZATIONS = {"bytes": "uint8", "bpe": "uint16", "hf": "uint32", "pooled": "uint8"}
-HF_PREFIX = "hf:"  # meta.json's tokenization for a Hugging Face tokenizer: "hf:<folder>"
 
 
 @dataclass
@@ -183,16 +183,7 @@ def tokenize(data, tokenization, encoding=None):
 def load_hf(tokenizer_dir):
     if not tokenizer_dir:
         raise UserError("--tokenization=hf needs --tokenizer_dir=FOLDER (a Hugging Face model or tokenizer folder)")
-    try:
-        from transformers import AutoTokenizer  # only hf needs it
-    except ImportError:
-        raise UserError("--tokenization=hf needs transformers: pip install transformers") from None
-    path = Path(tokenizer_dir)
-    if not path.exists():
-        raise UserError(f"--tokenizer_dir={tokenizer_dir} not found")
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(path)
+    return load_hf_tokenizer(tokenizer_dir)
 
 
 def hf_dtype(tokenizer):
