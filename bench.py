@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 import reparam
 from cli import UserError, parse_config, run
-from model import (BYTE_VOCAB, GPT, GPTConfig, KVCache, load_checkpoint, model_from_checkpoint, preset_config,
-                   token_byte_table)
+from model import GPT, GPTConfig, KVCache, load_checkpoint, model_from_checkpoint, preset_config
+from tokenizer import BYTE_VOCAB, GPT2_VOCAB, token_byte_table
 
 
 @dataclass
@@ -88,7 +88,6 @@ class BenchConfig:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GPT2_VOCAB = 50257  # tiktoken's GPT-2 encoding, what data/prepare.py --tokenization=bpe writes
 VOCAB_SIZES = {"bytes": BYTE_VOCAB, "bpe": GPT2_VOCAB}
 PERCENTILES = (10, 90)  # the spread reported around each median
 # matmul peak: square sizes tried (the best wins): big enough to saturate the device, small enough to be quick

@@ -1,12 +1,13 @@
 """
 Byte-level tokenization with pooling: no 50k-row embedding table.
 
-A text is a byte string. A *segmenter* cuts it into chunks (a GPT-2 token's
-bytes, a word and the space after it, or every P bytes). The *pooling encoder*
-turns each chunk's bytes into one vector for the transformer core, and the
-*byte decoder head* turns the core's output at chunk s into the bytes of chunk
-s + 1, one byte at a time and then an end-of-chunk symbol. So the core runs
-over chunks, as a BPE model runs over tokens, while the vocabulary is 256 bytes.
+A text is a byte string. A *segmenter* (tokenizer.py) cuts it into chunks: a
+GPT-2 token's bytes, a word and the space after it, or every P bytes. The
+*pooling encoder* here turns each chunk's bytes into one vector for the
+transformer core, and the *byte decoder head* turns the core's output at chunk
+s into the bytes of chunk s + 1, one byte at a time and then an end-of-chunk
+symbol. So the core runs over chunks, as a BPE model runs over tokens, while
+the vocabulary is 256 bytes.
 
 STLM's own code (Hillier et al., 2024) pools at GPT-2 token boundaries, cuts
 every token to 12 bytes, averages over padding too, and predicts the 12 bytes
@@ -26,194 +27,27 @@ Layout of a batch: chunks are rows of byte values padded with PAD (-1), shape
 tokens) with one more axis.
 """
 
-import functools
 import math
-import re
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError, parse_config, run
+from tokenizer import (BYTE_VOCAB, FIXED_CHUNK_BYTES, GPT2_VOCAB, MAX_CHUNK_BYTES, PAD, SEGMENTERS, Segmenter,
+                       join_chunks)
 
-BYTE_VALUES = 256  # the byte vocabulary
-START_OF_CHUNK = BYTE_VALUES  # decoder input symbol before a chunk's first byte
-END_OF_CHUNK = BYTE_VALUES  # decoder output symbol after a chunk's last byte
-DECODER_SYMBOLS = BYTE_VALUES + 1  # 256 bytes and one of the two symbols above
-PAD = -1  # padding in a batch of chunks; also ignored by the loss
-MAX_CHUNK_BYTES = 16  # longer chunks are split; 99.9% of GPT-2 tokens in English text are shorter
-FIXED_CHUNK_BYTES = 4  # the fixed segmenter's chunk size: about a GPT-2 token's mean length in English
+START_OF_CHUNK = BYTE_VOCAB  # decoder input symbol before a chunk's first byte
+END_OF_CHUNK = BYTE_VOCAB  # decoder output symbol after a chunk's last byte
+DECODER_SYMBOLS = BYTE_VOCAB + 1  # 256 bytes and one of the two symbols above
 # default sizes of the encoder and decoder: small next to the core, and cheap, as they run on every byte
 BYTE_WIDTH = 64
 BYTE_HEADS = 2  # head size 32: fewer, wider heads run faster over such short sequences
 ENCODER_LAYERS = 1
 DECODER_LAYERS = 2
-SEGMENTERS = ("gpt2", "space", "fixed")
 POOLINGS = ("mean", "attention")
-GPT2_ENCODING = "gpt2"
-GPT2_VOCAB = 50257  # the tied embedding the pooled embedder replaces has this many rows
-OFFSETS_DTYPE = "uint32"  # chunk boundaries on disk: byte offsets up to 4 GiB
-
-
-# ----------------------------------------------------------------------------
-# segmenters: bytes -> chunk lengths
-
-@functools.lru_cache(maxsize=1)
-def _gpt2():
-    """tiktoken's GPT-2 encoding and the byte length of each of its tokens."""
-    import tiktoken  # only the gpt2 segmenter needs it
-    try:
-        encoding = tiktoken.get_encoding(GPT2_ENCODING)
-    except OSError as e:  # offline without a cache
-        raise UserError(f"could not load tiktoken's {GPT2_ENCODING} encoding ({type(e).__name__}); offline, "
-                        "set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
-    lengths = np.array([len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)], dtype=np.int64)
-    return encoding, lengths
-
-
-# bytes that are not UTF-8 decode to lone surrogates under "surrogateescape", one per byte
-_ESCAPED_BYTE = re.compile("([\udc80-\udcff])")
-
-
-def gpt2_lengths(data):
-    """
-    One chunk per GPT-2 token. tiktoken takes text, not bytes, so the bytes are
-    decoded with each invalid byte kept as an escape: valid runs are tokenized,
-    and each invalid byte becomes a chunk of its own. Token byte lengths add up
-    to the run's length because GPT-2's BPE is byte-level and lossless.
-    """
-    encoding, token_lengths = _gpt2()
-    lengths = []
-    for piece in _ESCAPED_BYTE.split(data.decode("utf-8", errors="surrogateescape")):
-        if _ESCAPED_BYTE.fullmatch(piece):
-            lengths.append([1])
-        elif piece:
-            lengths.append(token_lengths[encoding.encode_ordinary(piece)])
-    return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
-
-
-def is_spacelike(values):
-    """SpaceByte's test, per byte: not an ASCII letter or digit, and not a UTF-8 continuation byte."""
-    letter_or_digit = ((values >= ord("a")) & (values <= ord("z"))) | ((values >= ord("A")) & (values <= ord("Z"))) \
-        | ((values >= ord("0")) & (values <= ord("9")))
-    continuation = (values & 0b1100_0000) == 0b1000_0000
-    return ~(letter_or_digit | continuation)
-
-
-def space_lengths(data):
-    """SpaceByte's rule: a chunk closes after a spacelike byte unless the byte before it was spacelike too."""
-    values = np.frombuffer(data, dtype=np.uint8)
-    spacelike = is_spacelike(values)
-    after_spacelike = np.concatenate([[False], spacelike[:-1]])  # the first byte has nothing before it
-    ends = np.flatnonzero(spacelike & ~after_spacelike) + 1
-    return np.diff(np.unique(np.concatenate([[0], ends, [len(values)]])))
-
-
-def fixed_lengths(data, size):
-    """Every `size` bytes; the last chunk holds what is left."""
-    full, rest = divmod(len(data), size)
-    return np.array([size] * full + ([rest] if rest else []), dtype=np.int64)
-
-
-def split_long(lengths, max_len):
-    """Cut every chunk longer than max_len into pieces of max_len and a remainder: nothing is dropped."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    pieces = -(-lengths // max_len)  # ceiling division
-    out = np.full(int(pieces.sum()), max_len, dtype=np.int64)
-    out[np.cumsum(pieces) - 1] = lengths - (pieces - 1) * max_len  # each chunk's last piece
-    return out
-
-
-@dataclass(frozen=True)
-class Segmenter:
-    name: str = "gpt2"  # gpt2 | space | fixed
-    max_chunk_bytes: int = MAX_CHUNK_BYTES
-    fixed_chunk_bytes: int = FIXED_CHUNK_BYTES
-
-    def __post_init__(self):
-        if self.name not in SEGMENTERS:
-            raise UserError(f"--segmenter={self.name} is not one of {', '.join(SEGMENTERS)}")
-        if self.max_chunk_bytes < 1 or self.fixed_chunk_bytes < 1:
-            raise UserError("--max_chunk_bytes and --fixed_chunk_bytes must be at least 1")
-
-    def lengths(self, data):
-        """Chunk lengths (numpy int64, each in 1..max_chunk_bytes) that add up to len(data)."""
-        data = bytes(data)
-        if self.name == "gpt2":
-            lengths = gpt2_lengths(data)
-        elif self.name == "space":
-            lengths = space_lengths(data)
-        else:
-            lengths = fixed_lengths(data, self.fixed_chunk_bytes)
-        return split_long(lengths, self.max_chunk_bytes)
-
-    def offsets(self, data):
-        """Chunk boundaries: 0, the end of each chunk, ..., len(data)."""
-        return np.concatenate([[0], np.cumsum(self.lengths(data))]).astype(np.int64)
-
-    def split(self, data):
-        """Text or bytes -> a list of chunks (bytes). join_chunks gives the same bytes back."""
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        offsets = self.offsets(data)
-        return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-
-    def to_meta(self):
-        return {"segmenter": self.name, "max_chunk_bytes": self.max_chunk_bytes,
-                "fixed_chunk_bytes": self.fixed_chunk_bytes}
-
-    @classmethod
-    def from_meta(cls, meta):
-        return cls(meta["segmenter"], meta["max_chunk_bytes"], meta["fixed_chunk_bytes"])
-
-
-# ----------------------------------------------------------------------------
-# the codec: chunks <-> bytes <-> padded rows
-
-def join_chunks(chunks):
-    return b"".join(chunks)
-
-
-def pad_chunks(chunks, width):
-    """Chunks (bytes) -> int16 array (n, width) of byte values, padded with PAD."""
-    rows = np.full((len(chunks), width), PAD, dtype=np.int16)
-    for row, chunk in zip(rows, chunks):
-        row[:len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-    return rows
-
-
-def chunk_bytes(row):
-    """One padded row (a tensor or array of byte values) -> the chunk's bytes."""
-    values = np.asarray(row.cpu() if torch.is_tensor(row) else row).reshape(-1)
-    return bytes(values[values >= 0].astype(np.uint8).tolist())
-
-
-class ChunkedBytes:
-    """
-    One split of pooled data: the raw bytes and the chunk offsets into them.
-    Indexed by chunk like a token array: data[idx] with an integer array idx of
-    any shape gives idx.shape + (width,) byte values padded with PAD, where
-    width is the longest chunk picked (no compute is spent on all-padding
-    columns). So train.py's batching and evaluation index it like tokens.
-    """
-
-    def __init__(self, data, offsets, max_chunk_bytes):
-        self.data, self.offsets, self.max_chunk_bytes = data, offsets, max_chunk_bytes
-
-    def __len__(self):
-        return len(self.offsets) - 1
-
-    def __getitem__(self, idx):
-        starts = self.offsets[idx].astype(np.int64)
-        lengths = self.offsets[idx + 1].astype(np.int64) - starts
-        width = max(1, int(lengths.max(initial=0)))
-        column = np.arange(width)
-        inside = column < lengths[..., None]
-        positions = np.where(inside, starts[..., None] + column, 0)
-        return np.where(inside, self.data[positions].astype(np.int16), PAD)  # int16 first: PAD is not a uint8
 
 
 # ----------------------------------------------------------------------------
@@ -272,7 +106,7 @@ class PooledEmbedder(nn.Module):
 
     def __init__(self, n_embd, width, n_head, n_layer, max_chunk_bytes, pooling="mean"):
         super().__init__()
-        self.byte_embedding = nn.Embedding(BYTE_VALUES, width)
+        self.byte_embedding = nn.Embedding(BYTE_VOCAB, width)
         self.position = nn.Embedding(max_chunk_bytes, width)
         self.blocks = nn.ModuleList([ByteBlock(width, n_head) for _ in range(n_layer)])
         self.ln = nn.LayerNorm(width)
@@ -315,7 +149,7 @@ def allowed_symbols(max_chunk_bytes):
     """
     allowed = torch.ones(max_chunk_bytes + 1, DECODER_SYMBOLS, dtype=torch.bool)
     allowed[0, END_OF_CHUNK] = False
-    allowed[max_chunk_bytes, :BYTE_VALUES] = False
+    allowed[max_chunk_bytes, :BYTE_VOCAB] = False
     return allowed
 
 
@@ -337,7 +171,7 @@ class ByteDecoder(nn.Module):
         super().__init__()
         self.max_chunk_bytes = max_chunk_bytes
         self.condition = nn.Linear(n_embd, width)
-        self.byte_embedding = nn.Embedding(BYTE_VALUES + 1, width)  # + START_OF_CHUNK
+        self.byte_embedding = nn.Embedding(BYTE_VOCAB + 1, width)  # + START_OF_CHUNK
         self.position = nn.Embedding(max_chunk_bytes + 1, width)
         self.blocks = nn.ModuleList([ByteBlock(width, n_head) for _ in range(n_layer)])
         self.ln = nn.LayerNorm(width)
@@ -436,7 +270,11 @@ def main(argv=None):
     print(f"{len(data)} bytes: {data!r}")
     for name in SEGMENTERS:
         segmenter = Segmenter(name, config.max_chunk_bytes, config.fixed_chunk_bytes)
-        chunks = segmenter.split(data)
+        try:
+            chunks = segmenter.split(data)
+        except UserError as e:  # gpt2 offline without tiktoken's files: show the others
+            print(f"{name:>6}: unavailable ({e})")
+            continue
         assert join_chunks(chunks) == data  # the codec is lossless
         print(f"{name:>6}: {len(chunks)} chunks, {len(data) / max(1, len(chunks)):.2f} bytes each: "
               + " | ".join(repr(c)[2:-1] for c in chunks))

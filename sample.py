@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from cli import UserError, parse_config, run
-from model import encode_text, load_checkpoint, model_from_checkpoint, unit_to_bytes
+from model import load_checkpoint, model_from_checkpoint
+from tokenizer import encode, unit_to_bytes
 
 
 @dataclass
@@ -80,7 +81,7 @@ def main(argv=None):
     model = model_from_checkpoint(checkpoint).to(device)
     tokenization = checkpoint["data_meta"]["tokenization"]
     to_bytes = unit_to_bytes(tokenization)
-    prompt_ids = encode_text(tokenization, read_prompt(config.prompt), checkpoint["data_meta"])
+    prompt_ids = encode(tokenization, read_prompt(config.prompt), checkpoint["data_meta"])
     if not prompt_ids:
         raise UserError("the prompt is empty: pass --prompt=TEXT (the default is a newline)")
     generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -19,14 +19,17 @@ character boundary so both tokenizations split exactly the same text.
 - hf:    a Hugging Face tokenizer from a local folder (--tokenizer_dir, e.g. a
          distillation teacher's), recorded as "hf:<folder>"; needs transformers
 - pooled: the raw bytes as for bytes, plus {train,val}.chunks.bin: uint32 offsets
-  of the chunk boundaries (0, end of chunk 1, ..., length) from byte_tokenizer's
+  of the chunk boundaries (0, end of chunk 1, ..., length) from tokenizer.py's
   segmenter (gpt2 | space | fixed); meta.json records the segmenter and its
   max_chunk_bytes. A token count is then a chunk count.
-meta.json (never pickle) holds the vocab, dtype, token and byte counts: the
-byte counts are what bits per byte divides by.
+meta.json (never pickle) holds the vocab, dtype, token and byte counts.
+token_bytes.npy holds the bytes of text each token id stands for, checked to
+rebuild the corpus exactly: train.py divides by them for bits per byte, with
+no tokenizer loaded (a pooled model counts its chunks' bytes directly).
 """
 
 import http.client
+import io
 import json
 import os
 import sys
@@ -38,20 +41,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: find the project modules
-from byte_tokenizer import FIXED_CHUNK_BYTES, MAX_CHUNK_BYTES, OFFSETS_DTYPE, Segmenter  # noqa: E402
+import tokenizer  # noqa: E402  (torch-free: preparing data never loads the model)
 from cli import UserError, parse_config, run  # noqa: E402
-from model import HF_PREFIX, load_hf_tokenizer  # noqa: E402
+from tokenizer import FIXED_CHUNK_BYTES, HF_PREFIX, MAX_CHUNK_BYTES, OFFSETS_DTYPE, Segmenter  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_PATH = Path("shakespeare") / "input.txt"  # under the data folder, where nanoGPT keeps it
 DOWNLOAD_TIMEOUT_S = 10  # offline, fail fast and use the fallback corpus
 STDLIB_CORPUS_BYTES = 3_000_000  # about 3x tinyshakespeare: enough text to learn from, quick to tokenize
-BYTE_VOCAB = 256
-BPE_ENCODING = "gpt2"
 UTF8_MAX_CONTINUATION = 3  # a UTF-8 character is one lead byte and at most 3 continuation bytes
-# the smallest dtype that holds every token id (hf: uint16 when its vocabulary fits, see hf_dtype)
-TOKENIZATIONS = {"bytes": "uint8", "bpe": "uint16", "hf": "uint32", "pooled": "uint8"}
+TOKENIZATIONS = ("bytes", "bpe", "hf", "pooled")
+TOKEN_BYTES_NAME = "token_bytes.npy"  # bytes of text per token id, read by train.py for bits per byte
 
 
 @dataclass
@@ -60,7 +61,7 @@ class PrepareConfig:
     tokenization: str = "bytes"  # bytes | bpe | hf | pooled
     tokenizer_dir: str = ""  # for --tokenization=hf: a folder with a Hugging Face tokenizer (or a .gguf file)
     name: str = ""  # output folder under the data folder; empty = <first input's stem or "default">_<tokenization>
-    segmenter: str = "gpt2"  # pooled only: gpt2 | space | fixed (byte_tokenizer.py); the folder name gets _<segmenter>
+    segmenter: str = "gpt2"  # pooled only: gpt2 | space | fixed (tokenizer.py); the folder name gets _<segmenter>
     max_chunk_bytes: int = MAX_CHUNK_BYTES  # pooled only: longer chunks are split, never cut
     fixed_chunk_bytes: int = FIXED_CHUNK_BYTES  # pooled only: the fixed segmenter's chunk size
     val_fraction: float = 0.1  # the last this-much of the corpus is the validation split
@@ -150,45 +151,61 @@ def split_point(data, fraction):
     return cut
 
 
-def load_bpe():
-    import tiktoken  # only BPE needs it
-    try:
-        return tiktoken.get_encoding(BPE_ENCODING)
-    except OSError as e:  # requests' errors are OSErrors: offline without a cache
-        raise UserError(f"could not load tiktoken's {BPE_ENCODING} encoding ({type(e).__name__}); offline, "
-                        "set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
+def load_encoder(config):
+    """What turns text into ids: tiktoken's GPT-2 encoding, a Hugging Face tokenizer, or nothing for bytes."""
+    if config.tokenization == "bpe":
+        return tokenizer.gpt2_encoding()
+    if config.tokenization == "hf":
+        if not config.tokenizer_dir:
+            raise UserError("--tokenization=hf needs --tokenizer_dir=FOLDER (a Hugging Face model or tokenizer folder)")
+        return tokenizer.load_hf_tokenizer(config.tokenizer_dir)
+    return None
 
 
-def tokenize(data, tokenization, encoding=None):
+def tokenize(data, tokenization, encoder=None):
     """
     (token ids as a numpy array, UTF-8 bytes of the text they encode). For BPE
-    the bytes are decoded with invalid sequences replaced by U+FFFD, so the
-    count is of the text after replacement: what the tokens decode back to.
+    and hf the bytes are decoded with invalid sequences replaced by U+FFFD, so
+    the count is of the text after replacement: what the tokens decode back to.
     """
     if tokenization in ("bytes", "pooled"):
-        return np.frombuffer(data, dtype=np.uint8).copy(), len(data)
+        return np.frombuffer(data, dtype=np.uint8).copy(), data
+    text = data.decode("utf-8", errors="replace")
     if tokenization == "bpe":
-        encoding = encoding or load_bpe()
-        text = data.decode("utf-8", errors="replace")
         # encode_ordinary: a literal "<|endoftext|>" in the corpus is plain text, not the special token
-        ids = encoding.encode_ordinary(text)
-        return np.array(ids, dtype=TOKENIZATIONS["bpe"]), len(text.encode("utf-8"))
-    if tokenization == "hf":
-        text = data.decode("utf-8", errors="replace")
-        ids = encoding.encode(text, add_special_tokens=False)
-        return np.array(ids, dtype=hf_dtype(encoding)), len(text.encode("utf-8"))
-    raise UserError(f"--tokenization={tokenization} is not one of {', '.join(TOKENIZATIONS)}")
+        ids = encoder.encode_ordinary(text)
+    else:
+        ids = encoder.encode(text, add_special_tokens=False)
+    return np.array(ids, dtype=id_dtype(tokenization, encoder)), text.encode("utf-8")
 
 
-def load_hf(tokenizer_dir):
-    if not tokenizer_dir:
-        raise UserError("--tokenization=hf needs --tokenizer_dir=FOLDER (a Hugging Face model or tokenizer folder)")
-    return load_hf_tokenizer(tokenizer_dir)
+def id_dtype(tokenization, encoder=None):
+    """The smallest dtype that holds every token id."""
+    if tokenization in ("bytes", "pooled"):
+        return "uint8"
+    vocab_size = encoder.n_vocab if tokenization == "bpe" else len(encoder)
+    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
 
 
-def hf_dtype(tokenizer):
-    """uint16 when every id fits (most vocabularies), else uint32."""
-    return "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "uint32"
+def check_token_bytes(ids, table, text, split):
+    """
+    The tokens' byte strings must rebuild the text exactly, or bits per byte
+    would divide by the wrong number of bytes. SentencePiece tokenizers may
+    write a space before the text ("Hello" -> "▁Hello"); that one byte is
+    harmless, since the first token of a split is never predicted.
+    """
+    rebuilt = b"".join(table[i] for i in ids)
+    if rebuilt == text or (rebuilt == b" " + text and table[ids[0]].startswith(b" ")):
+        return
+    raise UserError(f"this tokenizer's tokens do not rebuild the {split} text byte for byte ({len(rebuilt):,} bytes "
+                    f"for {len(text):,}), so bits per byte would be wrong: use a byte-level BPE or SentencePiece tokenizer")
+
+
+def save_npy(path, array):
+    """A numpy array in .npy format, atomically (np.load reads it back without pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomic(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------
@@ -204,7 +221,7 @@ def dataset_name(config):
 
 
 def prepare(config):
-    """Write train.bin, val.bin and meta.json for the config; return the output folder."""
+    """Write train.bin, val.bin, token_bytes.npy (chunk offsets for pooled data) and meta.json; return the folder."""
     if config.tokenization not in TOKENIZATIONS:
         raise UserError(f"--tokenization={config.tokenization} is not one of {', '.join(TOKENIZATIONS)}")
     if not 0.0 < config.val_fraction < 1.0:
@@ -225,39 +242,33 @@ def prepare(config):
     if cut == 0 or cut == len(data):
         raise UserError(f"the corpus ({corpus}, {len(data)} bytes) is too small to split "
                         f"with --val_fraction={config.val_fraction}")
-    encoding = load_bpe() if config.tokenization == "bpe" else None
-    if config.tokenization == "hf":
-        encoding = load_hf(config.tokenizer_dir)
-    train_ids, train_bytes = tokenize(data[:cut], config.tokenization, encoding)
-    val_ids, val_bytes = tokenize(data[cut:], config.tokenization, encoding)
+    encoder = load_encoder(config)
+    tokenization = config.tokenization
+    if tokenization == "hf":  # the name tokenizer.py reads back: where the tokenizer lives
+        tokenization = HF_PREFIX + str(Path(config.tokenizer_dir).resolve())
+    splits = {"train": tokenize(data[:cut], config.tokenization, encoder),
+              "val": tokenize(data[cut:], config.tokenization, encoder)}
     out_dir = data_dir / dataset_name(config)
-    if pooled:
-        offsets = {"train": segmenter.offsets(data[:cut]), "val": segmenter.offsets(data[cut:])}
-        for split in ("train", "val"):
-            write_atomic(out_dir / f"{split}.chunks.bin", offsets[split].astype(OFFSETS_DTYPE).tobytes())
-
-    meta = {
-        "tokenization": config.tokenization,
-        "vocab_size": encoding.n_vocab if config.tokenization == "bpe" else BYTE_VOCAB,
-        "dtype": TOKENIZATIONS[config.tokenization],
-        "corpus": corpus,
-        "sources": [str(s) for s in sources],
-        "train_tokens": len(offsets["train"]) - 1 if pooled else len(train_ids),  # chunks for pooled data
-        "val_tokens": len(offsets["val"]) - 1 if pooled else len(val_ids),
-        "train_bytes": train_bytes,
-        "val_bytes": val_bytes,
-    }
-    if config.tokenization == "bpe":
-        meta["encoding"] = BPE_ENCODING
-    if config.tokenization == "hf":
-        # the name model.encode_text / token_byte_table read, so bits per byte and sampling work
-        meta.update({"tokenization": HF_PREFIX + str(Path(config.tokenizer_dir).resolve()),
-                     "vocab_size": len(encoding), "dtype": hf_dtype(encoding)})
+    meta = {"tokenization": tokenization, "vocab_size": tokenizer.BYTE_VOCAB,
+            "dtype": id_dtype(config.tokenization, encoder), "corpus": corpus, "sources": [str(s) for s in sources]}
     if pooled:
         meta.update(segmenter.to_meta())
-    write_atomic(out_dir / "train.bin", train_ids.tobytes())
-    write_atomic(out_dir / "val.bin", val_ids.tobytes())
-    # meta.json last: its presence means the binaries beside it are complete
+        for split, (ids, text) in splits.items():
+            offsets = segmenter.offsets(text)
+            write_atomic(out_dir / f"{split}.chunks.bin", offsets.astype(OFFSETS_DTYPE).tobytes())
+            meta[f"{split}_tokens"] = len(offsets) - 1  # chunks
+    else:
+        # the bytes of text each token id stands for: bits per byte's denominator, without a tokenizer at training time
+        table = tokenizer.token_byte_table(tokenization)
+        for split, (ids, text) in splits.items():
+            check_token_bytes(ids, table, text, split)
+            meta[f"{split}_tokens"] = len(ids)
+        meta["vocab_size"] = len(table)
+        save_npy(out_dir / TOKEN_BYTES_NAME, np.array([len(b) for b in table], dtype=np.int32))
+    for split, (ids, text) in splits.items():
+        meta[f"{split}_bytes"] = len(text)
+        write_atomic(out_dir / f"{split}.bin", ids.tobytes())
+    # meta.json last: its presence means the files beside it are complete
     write_atomic(out_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return out_dir
 

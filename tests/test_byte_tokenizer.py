@@ -1,4 +1,4 @@
-"""byte_tokenizer.py: segmenters, the lossless codec, pooling, the byte decoder, bits per byte, pooled end to end."""
+"""byte_tokenizer.py: pooling, the byte decoder, its exact probabilities and bits per byte, pooled end to end."""
 
 import json
 import math
@@ -11,29 +11,12 @@ import pytest
 import torch
 
 import byte_tokenizer as bt
+import tokenizer as tk
 import train
 from data import prepare
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def random_byte_strings(n, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, size=rng.integers(0, 48), dtype=np.uint8).tobytes() for _ in range(n)]
-
-
-# code points from ASCII, Latin-1, Greek, CJK, emoji (4 UTF-8 bytes), plus NUL and newlines
-CODE_POINT_RANGES = [(0, 0), (10, 10), (32, 126), (0xA0, 0xFF), (0x391, 0x3C9), (0x4E00, 0x4FFF), (0x1F600, 0x1F64F)]
-
-
-def random_unicode_strings(n, seed):
-    rng = np.random.default_rng(seed)
-    strings = []
-    for _ in range(n):
-        ranges = [CODE_POINT_RANGES[i] for i in rng.integers(0, len(CODE_POINT_RANGES), size=rng.integers(0, 24))]
-        strings.append("".join(chr(rng.integers(lo, hi + 1)) for lo, hi in ranges))
-    return strings
 
 
 def small_model(pooling="mean", max_chunk_bytes=8, block_size=16):
@@ -47,64 +30,7 @@ def random_chunks(rng, shape, max_chunk_bytes):
     """(*shape, max_chunk_bytes) chunks of random bytes, 1..max_chunk_bytes each, padded with PAD."""
     lengths = rng.integers(1, max_chunk_bytes + 1, size=shape)
     values = rng.integers(0, 256, size=(*shape, max_chunk_bytes))
-    return torch.from_numpy(np.where(np.arange(max_chunk_bytes) < lengths[..., None], values, bt.PAD))
-
-
-# ----------------------------------------------------------------------------
-# segmenters and the codec
-
-@pytest.mark.parametrize("name", bt.SEGMENTERS)
-@pytest.mark.parametrize("max_chunk_bytes", [3, bt.MAX_CHUNK_BYTES])
-def test_round_trip_of_random_bytes_and_unicode(name, max_chunk_bytes):
-    segmenter = bt.Segmenter(name, max_chunk_bytes, fixed_chunk_bytes=5)
-    inputs = random_byte_strings(1500, seed=1) + [s.encode("utf-8") for s in random_unicode_strings(1500, seed=2)]
-    for data in inputs:
-        chunks = segmenter.split(data)
-        assert bt.join_chunks(chunks) == data
-        assert all(1 <= len(c) <= max_chunk_bytes for c in chunks)
-        rows = bt.pad_chunks(chunks, max_chunk_bytes)
-        assert [bt.chunk_bytes(row) for row in rows] == chunks
-
-
-@pytest.mark.parametrize("name", bt.SEGMENTERS)
-def test_edge_cases_round_trip(name):
-    segmenter = bt.Segmenter(name, max_chunk_bytes=4, fixed_chunk_bytes=3)
-    cases = [b"", b"\x00", b"a\x00\x00b", b"\xff\xfe\xc3(", b"\xed\xa0\x80 lone surrogate", " ".encode() * 40,
-             "🙂🙂 東京 naïve".encode(), "x" * 33 + "\n\n\n"]
-    for data in cases:
-        data = data if isinstance(data, bytes) else data.encode()
-        chunks = segmenter.split(data)
-        assert bt.join_chunks(chunks) == data and all(1 <= len(c) <= 4 for c in chunks)
-    assert segmenter.split("") == [] and segmenter.split("🙂") == segmenter.split("🙂".encode())
-
-
-def test_segmenters_by_hand():
-    text = b"Hi, there  you!\nok"
-    # a chunk closes after a spacelike byte that follows a non-spacelike one
-    assert bt.Segmenter("space").split(text) == [b"Hi,", b" there ", b" you!", b"\nok"]
-    assert bt.Segmenter("fixed", fixed_chunk_bytes=4).split(text) == [b"Hi, ", b"ther", b"e  y", b"ou!\n", b"ok"]
-    assert bt.Segmenter("gpt2").split(text) == [b"Hi", b",", b" there", b" ", b" you", b"!", b"\n", b"ok"]
-    # split, never truncated: 20 letters with max 8 become 8 + 8 + 4
-    assert bt.Segmenter("space", max_chunk_bytes=8).split(b"a" * 20) == [b"a" * 8, b"a" * 8, b"a" * 4]
-
-
-def test_chunked_bytes_indexes_like_a_token_array():
-    data = b"The quick brown fox, \xff\x00 jumps over the lazy dog.\n"
-    segmenter = bt.Segmenter("space", max_chunk_bytes=6)
-    chunks = segmenter.split(data)
-    store = bt.ChunkedBytes(np.frombuffer(data, dtype=np.uint8), segmenter.offsets(data), 6)
-    assert len(store) == len(chunks)
-    idx = np.array([[0, 1, 2], [3, 4, 5]])
-    rows = store[idx]
-    assert rows.shape[:2] == (2, 3) and rows.shape[2] == max(len(chunks[i]) for i in idx.flat)  # trimmed
-    assert rows.min() == bt.PAD  # padding is -1, never a byte value such as 255
-    for i, row in zip(idx.flat, rows.reshape(6, -1)):
-        assert bt.chunk_bytes(row) == chunks[i]
-
-
-def test_bad_segmenter_is_a_user_error():
-    with pytest.raises(bt.UserError, match="--segmenter"):
-        bt.Segmenter("words")
+    return torch.from_numpy(np.where(np.arange(max_chunk_bytes) < lengths[..., None], values, tk.PAD))
 
 
 # ----------------------------------------------------------------------------
@@ -124,7 +50,7 @@ def test_padding_never_changes_the_pooled_vector(pooling):
     # anything in the padded slots: the same vectors, exactly
     torch.testing.assert_close(embedder.pool(torch.where(mask, chunks, garbage), mask), reference, rtol=0, atol=0)
     # more padding columns: the same vectors
-    wider = torch.cat([chunks, torch.full((3, 5, 4), bt.PAD)], dim=-1)
+    wider = torch.cat([chunks, torch.full((3, 5, 4), tk.PAD)], dim=-1)
     torch.testing.assert_close(embedder(wider), reference)
     # each chunk alone, unpadded: the same vector as in the batch
     for b, t in [(0, 0), (2, 4)]:
@@ -170,7 +96,7 @@ def test_decoder_probabilities_sum_to_one():
     for p in decoder.parameters():
         torch.nn.init.normal_(p, std=0.5)  # far from uniform
     pairs = torch.cartesian_prod(torch.arange(256), torch.arange(256))
-    singles = torch.stack([torch.arange(256), torch.full((256,), bt.PAD)], dim=1)
+    singles = torch.stack([torch.arange(256), torch.full((256,), tk.PAD)], dim=1)
     chunks = torch.cat([singles, pairs])[:, None, :]  # (65792, 1, 2)
     for h in torch.randn(2, 8, dtype=torch.float64):
         logits = decoder(h.expand(len(chunks), 1, 8), chunks)
@@ -189,8 +115,8 @@ def test_bits_per_byte_of_a_uniform_decoder():
     with torch.no_grad():
         model.lm_head.head.weight.zero_()
     data = b"to be, or not to be: that is the question; whether 'tis nobler in the mind"
-    segmenter = bt.Segmenter("space", max_chunk_bytes=M)
-    store = bt.ChunkedBytes(np.frombuffer(data, dtype=np.uint8), segmenter.offsets(data), M)
+    segmenter = tk.Segmenter("space", max_chunk_bytes=M)
+    store = tk.ChunkedBytes(np.frombuffer(data, dtype=np.uint8), segmenter.offsets(data), M)
     result = train.evaluate(model, store, None, block_size=T)
     n_windows = (len(store) - 1) // T
     targets = [c for w in range(n_windows) for c in segmenter.split(data)[w * T + 1:(w + 1) * T + 1]]
@@ -207,14 +133,14 @@ def test_bits_per_byte_of_a_uniform_decoder():
 def test_pooled_embedder_and_head_are_under_a_tenth_of_a_tied_gpt2_embedding(n_embd):
     model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=n_embd, embedder="pooled"))
     pooled = sum(p.numel() for m in (model.wte, model.lm_head) for p in m.parameters())
-    assert pooled <= 0.10 * bt.GPT2_VOCAB * n_embd
+    assert pooled <= 0.10 * tk.GPT2_VOCAB * n_embd
     assert pooled == bt.pooled_parameters(n_embd, bt.BYTE_WIDTH, bt.BYTE_HEADS, bt.ENCODER_LAYERS, bt.DECODER_LAYERS,
-                                          bt.MAX_CHUNK_BYTES)
+                                          tk.MAX_CHUNK_BYTES)
 
 
 def test_generation_streams_whole_chunks_and_the_cache_changes_nothing():
     model = small_model()
-    prompt = torch.from_numpy(bt.pad_chunks(bt.Segmenter("space").split(b"Hello there, "), 8).astype(np.int64))[None]
+    prompt = torch.from_numpy(tk.pad_chunks(tk.Segmenter("space").split(b"Hello there, "), 8).astype(np.int64))[None]
     with_cache = torch.cat(list(model.generate_stream(prompt, 20, temperature=0)), dim=1)
     without = torch.cat(list(model.generate_stream(prompt, 20, temperature=0, use_cache=False)), dim=1)
     assert torch.equal(with_cache, without) and with_cache.shape == (1, 20, 8)
@@ -245,7 +171,7 @@ def test_prepare_train_sample_pooled(tmp_path):
     assert dataset.meta["segmenter"] == "space" and len(dataset.train) == dataset.meta["train_tokens"]
     everything = dataset.train[np.arange(len(dataset.train))]
     train_text = (tmp_path / "tiny.txt").read_bytes()[:dataset.meta["train_bytes"]]
-    assert b"".join(bt.chunk_bytes(row) for row in everything) == train_text
+    assert b"".join(tk.chunk_bytes(row) for row in everything) == train_text
 
     out = tmp_path / "out"
     train.main([f"--dataset={folder}", f"--out_dir={out}", *TINY, "--max_iters=200"])
@@ -262,7 +188,7 @@ def test_cli_prints_chunks_and_parameter_counts():
     result = subprocess.run([sys.executable, "byte_tokenizer.py", "to be or not", "--n_embd=256"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for name in bt.SEGMENTERS:
+    for name in tk.SEGMENTERS:
         assert f"{name}: " in result.stdout
     assert "tied GPT-2 embedding (50,257 x 256)" in result.stdout
     bad = subprocess.run([sys.executable, "data/prepare.py", "--tokenization=pooled", "--segmenter=words"], cwd=ROOT,

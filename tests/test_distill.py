@@ -14,28 +14,13 @@ import distill
 import train
 from cli import UserError
 from data import prepare
-from model import GPT, load_checkpoint, token_byte_table
+from conftest import TINY_TRAIN_ARGS as TINY
+from model import GPT, load_checkpoint
+from tokenizer import token_byte_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# the same tiny shape as tests/test_train.py: a run of a few steps takes about a second
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-        "--eval_interval=10", "--eval_tokens=512", "--log_interval=5", "--threads=1", "--learning_rate=3e-3", "--warmup_iters=10"]
 TEACHER_SHAPE = ["--n_layer=2", "--n_head=2", "--n_embd=48"]
-
-
-@pytest.fixture(scope="module")
-def corpus_text():
-    rng = np.random.default_rng(0)
-    words = ["the ", "cat ", "sat ", "on ", "a ", "mat. ", "a ", "dog ", "ran\n"]
-    return "".join(rng.choice(words, size=3000)).encode()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, corpus_text):
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "tiny.txt").write_bytes(corpus_text)
-    return str(prepare.prepare(prepare.PrepareConfig(input=str(folder / "tiny.txt"), data_dir=str(folder))))
 
 
 @pytest.fixture(scope="module")

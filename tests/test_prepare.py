@@ -31,14 +31,6 @@ def offline(monkeypatch):
     monkeypatch.setattr(prepare, "download_tinyshakespeare", refuse)
 
 
-@pytest.fixture
-def gpt2():
-    try:
-        return prepare.load_bpe()
-    except UserError as e:
-        pytest.skip(f"GPT-2 BPE files unavailable offline: {e}")
-
-
 def write(path, data):
     path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
     return path
@@ -81,7 +73,9 @@ def test_bpe_tokens_decode_to_the_split_text(tmp_path, gpt2):
     assert gpt2.decode(val.tolist()) == val_text
     assert out_dir.name == "mixed_bpe"
     assert meta["vocab_size"] == gpt2.n_vocab == 50257
-    assert (meta["dtype"], meta["encoding"], meta["tokenization"]) == ("uint16", "gpt2", "bpe")
+    assert (meta["dtype"], meta["tokenization"]) == ("uint16", "bpe")
+    token_bytes = np.load(out_dir / "token_bytes.npy")
+    assert token_bytes[train].sum() == len(train_text.encode("utf-8"))  # bits per byte divides by the text's bytes
     assert meta["train_bytes"] == len(train_text.encode("utf-8")) == cut + 2
     assert meta["val_bytes"] == len(val_text.encode("utf-8")) == len(data) - cut
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
@@ -117,7 +111,7 @@ def test_several_inputs_in_order(tmp_path, capsys):
     b = write(tmp_path / "beta.txt", "second file\n" * 10)
     c = write(tmp_path / "gamma.txt", "third file\n" * 10)
     data_dir = f"--data_dir={tmp_path / 'data'}"
-    # the argparse form the issue writes and the --key=value form give the same dataset
+    # the argparse form (--input a.txt b.txt) and the --key=value form give the same dataset
     prepare.main(["--input", str(a), str(b), str(c), data_dir, "--name=spaced"])
     prepare.main([f"--input={a},{b},{c}", data_dir, "--name=commas"])
     spaced, commas = tmp_path / "data" / "spaced", tmp_path / "data" / "commas"
@@ -228,7 +222,7 @@ def test_help_lists_every_key(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for key in ("input", "tokenization", "name", "val_fraction", "data_dir"):
-        assert f"--{key}=" in out
+        assert f"--{key} " in out
 
 
 def test_script_runs_from_another_directory(tmp_path):
@@ -251,3 +245,14 @@ def test_script_reports_bad_input_in_one_line(tmp_path, args, message):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
+
+
+def test_preparing_data_never_loads_the_model():
+    """data/prepare.py reaches tokenizers through tokenizer.py: no torch, no model.py, no reparam.py."""
+    code = ("import runpy, sys; sys.argv = ['prepare.py', '--help']\n"
+            "try:\n    runpy.run_path('data/prepare.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'model', 'reparam', 'byte_tokenizer') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

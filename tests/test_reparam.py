@@ -4,7 +4,6 @@ merged selves, the anneal schedule, and the command line on a tiny checkpoint.
 """
 
 import dataclasses
-import math
 
 import pytest
 import torch
