@@ -1,16 +1,26 @@
 """
-Command-line configuration shared by every script, and one-line errors.
+The command line every script shares, and the one-line error.
 
 Each script keeps its settings in a dataclass with the defaults at the top of
-the file. `parse_config` overrides them from `--key=value` arguments, lists
-every key under `--help`, and rejects an unknown key by naming the closest
-known one. No config files are executed: a value is parsed by the type the
-dataclass declares for it.
+its file. `parse_config` turns the dataclass fields into argparse options, so
+`--key=value` and `--key value` both work, `--help` lists every key with its
+type and default, and a value is parsed by the type the dataclass declares.
+No config file is ever executed.
 
-`UserError` is for bad input (a missing file, a wrong value): `run` prints it
-as one line, `error: ...`, instead of a traceback, and exits with status 2.
+Why argparse underneath rather than a hand-written loop: it is the parser
+every Python user already knows (nanochat uses it too), and it gives help,
+type checking and both spellings of an option for free. This file adds only
+what it lacks: errors as one line (argparse prints a usage block), the closest
+key named for a typo, booleans written true/false, and no silent prefix
+matching (--lr must not quietly mean --lr_decay_iters).
+
+`UserError` is bad input (a missing file, a wrong value): `run` prints it as
+one line, `error: ...`, and exits with status 2 instead of a traceback.
+Library modules import this file only for UserError; it needs nothing but the
+standard library, so that costs nothing.
 """
 
+import argparse
 import dataclasses
 import difflib
 import sys
@@ -32,66 +42,71 @@ def run(main):
         sys.exit(EXIT_USAGE)
 
 
-def _parse_value(text, kind, key):
-    # Optional[X] parses as X, with "none" meaning None
-    if typing.get_origin(kind) is typing.Union:
-        options = [k for k in typing.get_args(kind) if k is not type(None)]
-        if text.lower() == "none":
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its usage block and exit
+        raise UserError(f"{message} (see --help)")
+
+
+def _converter(kind, key):
+    """A function from the text of --key to a value of the declared type; None for 'none' if it is Optional."""
+    optional = typing.get_origin(kind) is typing.Union
+    if optional:
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+
+    def convert(text):
+        if optional and text.lower() == "none":
             return None
-        kind = options[0]
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"--{key} expects true or false, got {text!r}")
-    if kind in (int, float):
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"--{key} expects true or false, got {text!r}")
         try:
             return kind(text)
         except ValueError:
             raise UserError(f"--{key} expects {kind.__name__}, got {text!r}") from None
-    return text
+
+    return convert, kind
 
 
-def _describe(configs):
-    lines = []
-    for config in configs:
-        hints = typing.get_type_hints(type(config))
-        lines.append(f"{type(config).__name__}:")
-        for field in dataclasses.fields(config):
-            kind = getattr(hints[field.name], "__name__", str(hints[field.name]))
-            value = getattr(config, field.name)
-            lines.append(f"  --{field.name}={value}  ({kind})")
-    return "\n".join(lines)
+def _underscored(arg):
+    if not arg.startswith("--"):
+        return arg
+    key, sep, value = arg[2:].partition("=")
+    return "--" + key.replace("-", "_") + sep + value
 
 
 def parse_config(configs, argv, usage=""):
     """
-    Apply `--key=value` arguments to one or more dataclass instances, in place.
-    A key belongs to the first config that has it. Returns {key: value} of the
-    keys the arguments set, so a caller can tell a default from a choice.
+    Apply command-line options to one or more dataclass instances, in place.
+    A key belongs to the first config that has it. Returns {key: value} for
+    the keys the arguments set, so a caller can tell a default from a choice.
     """
-    hints = [typing.get_type_hints(type(c)) for c in configs]
-    known = [f.name for c in configs for f in dataclasses.fields(c)]
-    assigned = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print((usage.strip() + "\n\n" if usage else "") + _describe(configs))
-            sys.exit(0)
+    parser = _Parser(description=usage.strip() or None, allow_abbrev=False,
+                     formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32))
+    owner = {}
+    for config in configs:
+        group = parser.add_argument_group(type(config).__name__)
+        hints = typing.get_type_hints(type(config))
+        for field in dataclasses.fields(config):
+            if field.name in owner:
+                continue
+            owner[field.name] = config
+            convert, kind = _converter(hints[field.name], field.name)
+            # a bare boolean flag (--compile) switches it on; argparse.SUPPRESS keeps unset keys out of the result
+            group.add_argument(f"--{field.name}", dest=field.name, type=convert, default=argparse.SUPPRESS, metavar=kind.__name__,
+                               nargs="?" if kind is bool else None, const=True if kind is bool else None,
+                               help=f"default: {getattr(config, field.name)!r}")
+    # --batch-size is --batch_size: only the key before "=" has its dashes turned into underscores
+    argv = [_underscored(arg) for arg in argv]
+    assigned, unknown = parser.parse_known_args(argv)
+    for arg in unknown:
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: options are written --key=value (see --help)")
-        key, sep, text = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        owner = next((i for i, c in enumerate(configs) if key in hints[i]), None)
-        if owner is None:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f": did you mean --{close[0]}?" if close else "; see --help"
-            raise UserError(f"unknown option --{key}{hint}")
-        kind = hints[owner][key]
-        if not sep:
-            if kind is not bool:
-                raise UserError(f"--{key} needs a value: --{key}=...")
-            text = "true"  # a bare boolean flag switches it on
-        assigned[key] = _parse_value(text, kind, key)
-        setattr(configs[owner], key, assigned[key])
-    return assigned
+        key = arg[2:].partition("=")[0].replace("-", "_")
+        close = difflib.get_close_matches(key, owner, n=1)
+        raise UserError(f"unknown option --{key}" + (f": did you mean --{close[0]}?" if close else "; see --help"))
+    for key, value in vars(assigned).items():
+        setattr(owner[key], key, value)
+    return vars(assigned)

@@ -23,7 +23,6 @@ decoder for the next chunk). The data decides which; the core is the same.
 `python model.py` prints the presets' parameter table and runs one forward pass.
 """
 
-import dataclasses
 import math
 import os
 import sys
@@ -37,13 +36,13 @@ import torch.nn.functional as F
 
 import byte_tokenizer
 import reparam
-from cli import UserError
+from cli import UserError, parse_config, run
+from tokenizer import BYTE_VOCAB, MAX_CHUNK_BYTES
 
 CHECKPOINT_FORMAT = "stlm-checkpoint"
 CHECKPOINT_VERSION = 1
 INIT_STD = 0.02  # GPT-2's initialisation scale for every weight matrix
 NORM_EPS = 1e-5  # GPT-2's LayerNorm epsilon, used by both norms
-BYTE_VOCAB = 256  # a byte-level model predicts one of 256 byte values
 
 
 @dataclass
@@ -70,7 +69,7 @@ class GPTConfig:
     ffn_norm_folded: bool = False  # set by reparam.py: ln_2's scale and shift are folded into the FFN
     # embedder and head (byte_tokenizer.py); embedder and max_chunk_bytes come from the data
     embedder: str = "tokens"  # tokens | pooled: one vector per token id, or per chunk of bytes
-    max_chunk_bytes: int = byte_tokenizer.MAX_CHUNK_BYTES
+    max_chunk_bytes: int = MAX_CHUNK_BYTES
     byte_width: int = byte_tokenizer.BYTE_WIDTH  # width of the pooling encoder and the byte decoder
     byte_heads: int = byte_tokenizer.BYTE_HEADS
     encoder_layers: int = byte_tokenizer.ENCODER_LAYERS  # bidirectional layers over a chunk's bytes before pooling
@@ -359,38 +358,50 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
         return logits, loss
 
-    @torch.inference_mode()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, generator=None):
-        """
-        Yield (B, 1) sampled tokens one at a time, continuing the prompt idx (B, T).
-        A pooled model yields chunks (B, 1, max_chunk_bytes), each sampled byte
-        by byte, continuing prompt chunks (B, T, max_chunk_bytes).
+    def next_token(self, h, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Sample what follows the core outputs h (B, n_embd): a (B, 1) token, or a pooled model's (B, 1, L) chunk."""
+        pick = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)  # noqa: E731
+        if self.config.embedder == "pooled":
+            return self.lm_head.sample(h, pick)  # the byte decoder picks the chunk byte by byte
+        return pick(self.lm_head(h))
 
-        The model sees at most block_size tokens. With the cache, once the
-        context is full it is rebuilt from the newest half of it (one prefill
-        every block_size / 2 tokens) rather than recomputed every token. Without
-        the cache the same windows are recomputed in full: the reference the
-        tests compare the cache against.
+    @torch.inference_mode()
+    def generate_stream(self, idx, max_new_tokens, use_cache=True, **sampling):
+        """
+        Yield sampled tokens one at a time, (B, 1) each, continuing the prompt idx
+        (B, T); a pooled model yields chunks (B, 1, max_chunk_bytes) continuing
+        prompt chunks (B, T, max_chunk_bytes). sampling: next_token's keywords.
+
+        The model sees at most block_size tokens, and the two modes window them
+        differently, so their samples part ways once the context is full:
+        - use_cache=False is nanoGPT's sliding window: every new token
+          recomputes the whole forward pass over the last block_size tokens.
+        - use_cache=True costs one position's work per token. A cache cannot
+          slide: learned positions would shift, and each layer's keys depend on
+          every earlier token of the window. So when the window is full, the
+          cache is refilled from its newest half (one prefill every
+          block_size / 2 tokens), and the model sees between block_size / 2
+          and block_size tokens.
         """
         block_size = self.config.block_size
+        if not use_cache:
+            for _ in range(max_new_tokens):
+                idx = idx[:, -block_size:]
+                token = self.next_token(self.hidden_states(idx)[:, -1], **sampling)
+                yield token
+                idx = torch.cat([idx, token], dim=1)
+            return
         keep = block_size - block_size // 2  # tokens kept when the window is full
         window = idx[:, -block_size:]  # the tokens the model conditions on
-        cache = KVCache(self.config, idx.size(0), idx.device, self.ln_f.weight.dtype) if use_cache else None
-        unseen = window  # tokens the cache has not yet seen
+        cache = KVCache(self.config, idx.size(0), idx.device, self.ln_f.weight.dtype)
+        unseen = window  # tokens the cache has not seen yet
         for _ in range(max_new_tokens):
-            tokens = window if cache is None else unseen
-            h = self.hidden_states(tokens, cache)[:, -1]
-            pick = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)  # noqa: E731
-            # a pooled model's head picks the next chunk byte by byte
-            next_token = self.lm_head.sample(h, pick) if self.config.embedder == "pooled" else pick(self.lm_head(h))
-            yield next_token
-            window = torch.cat([window, next_token], dim=1)
-            unseen = next_token
-            if window.size(1) > block_size:
-                window = window[:, -keep:]
-                if cache is not None:
-                    cache.length, unseen = 0, window
+            token = self.next_token(self.hidden_states(unseen, cache)[:, -1], **sampling)
+            yield token
+            window, unseen = torch.cat([window, token], dim=1), token
+            if window.size(1) > block_size:  # full: refill the cache from the newest half
+                window = unseen = window[:, -keep:]
+                cache.length = 0
 
     def generate(self, idx, max_new_tokens, **sampling):
         """The prompt followed by max_new_tokens sampled tokens, as one (B, T + new) tensor."""
@@ -416,97 +427,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         sorted_logits = sorted_logits.masked_fill(beyond_nucleus, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
-
-
-# ----------------------------------------------------------------------------
-# tokens <-> bytes for the tokenizations data/prepare.py writes
-
-GPT2_ENCODING = "gpt2"
-
-
-def _gpt2_encoding():
-    import tiktoken  # only BPE models need it
-    return tiktoken.get_encoding(GPT2_ENCODING)
-
-
-def encode_text(tokenization, text, meta=None):
-    """
-    Token ids of a string (a prompt), as data/prepare.py would tokenize it; for
-    pooled data (meta names its segmenter) rows of chunk bytes padded to max_chunk_bytes.
-    """
-    if tokenization == "pooled":
-        segmenter = byte_tokenizer.Segmenter.from_meta(meta)
-        return byte_tokenizer.pad_chunks(segmenter.split(text), segmenter.max_chunk_bytes).tolist()
-    if tokenization == "bytes":
-        return list(text.encode("utf-8"))
-    if tokenization == "bpe":
-        return _gpt2_encoding().encode_ordinary(text)
-    if tokenization.startswith(HF_PREFIX):
-        return load_hf_tokenizer(tokenization[len(HF_PREFIX):]).encode(text, add_special_tokens=False)
-    raise UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe or hf:<tokenizer folder>")
-
-
-def token_byte_table(tokenization):
-    """
-    The byte string of every token id: how generated ids become text, and how
-    many bytes of text each predicted token covers (the denominator of bits
-    per byte).
-    """
-    if tokenization == "bytes":
-        return [bytes([i]) for i in range(BYTE_VOCAB)]
-    if tokenization == "bpe":
-        encoding = _gpt2_encoding()
-        return [encoding.decode_single_token_bytes(i) for i in range(encoding.n_vocab)]
-    if tokenization.startswith(HF_PREFIX):
-        return _hf_token_bytes(load_hf_tokenizer(tokenization[len(HF_PREFIX):]))
-    raise UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe or hf:<tokenizer folder>")
-
-
-# A Hugging Face tokenizer from a local folder (a teacher's, for distill.py):
-# data/prepare.py records it as "hf:<folder>", the name these functions take.
-HF_PREFIX = "hf:"
-
-
-def load_hf_tokenizer(folder):
-    """A Hugging Face tokenizer from a local folder, or from a .gguf file (data/prepare.py uses this too)."""
-    try:
-        from transformers import AutoTokenizer  # only hf tokenizations need it
-    except ImportError:
-        raise UserError("a Hugging Face tokenizer needs transformers: pip install transformers") from None
-    folder = Path(folder)
-    if not folder.exists():
-        raise UserError(f"tokenizer folder {folder} not found")
-    if folder.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(folder.parent, gguf_file=folder.name)
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def _hf_token_bytes(tokenizer):
-    """
-    The bytes of every id in len(tokenizer). Byte-level BPE (GPT-2, SmolLM2)
-    writes each byte as one printable character: map them back. Other
-    tokenizers decode token by token. A special token found in the corpus
-    (a literal "<|endoftext|>") stands for its own text.
-    """
-    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte <-> character map
-    char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    table = []
-    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        if piece is None:
-            table.append(b"")
-        elif all(c in char_to_byte for c in piece):
-            table.append(bytes(char_to_byte[c] for c in piece))
-        else:
-            table.append(tokenizer.decode([i]).encode("utf-8"))
-    return table
-
-
-def unit_to_bytes(tokenization):
-    """A function from one generated unit (a (1, 1) token id, or a pooled model's chunk) to its bytes."""
-    if tokenization == "pooled":
-        return byte_tokenizer.chunk_bytes
-    table = token_byte_table(tokenization)
-    return lambda unit: table[unit.item()]
 
 
 # ----------------------------------------------------------------------------
@@ -549,7 +469,8 @@ def model_from_checkpoint(checkpoint):
 
 # ----------------------------------------------------------------------------
 
-def main():
+def main(argv=None):
+    parse_config([], sys.argv[1:] if argv is None else argv, usage=__doc__)  # no settings: only --help
     print(f"{'preset':<10} {'layers':>6} {'width':>6} {'context':>7} {'embedding':>10} {'core':>11} {'total':>11}")
     for name in PRESETS:
         counts = GPT(preset_config(name)).num_params()
@@ -568,4 +489,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

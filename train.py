@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from byte_tokenizer import OFFSETS_DTYPE, ChunkedBytes
 from cli import UserError, parse_config, run
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, preset_config, save_checkpoint, token_byte_table
+from model import GPT, GPTConfig, load_checkpoint, preset_config, save_checkpoint
+from tokenizer import OFFSETS_DTYPE, ChunkedBytes
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
+TOKEN_BYTES_NAME = "token_bytes.npy"  # written by data/prepare.py: bytes of text per token id
 
 
 @dataclass
@@ -137,7 +138,12 @@ def load_dataset(name, block_size):
         if len(splits[split]) < block_size + 1:
             raise UserError(f"{folder.name}'s {split} split has {len(splits[split])} tokens, fewer than the context "
                             f"needs ({block_size} + 1): use a larger corpus or a smaller --block_size")
-    token_bytes = None if pooled else torch.tensor([len(b) for b in token_byte_table(meta["tokenization"])])
+    token_bytes = None
+    if not pooled:
+        if not (folder / TOKEN_BYTES_NAME).is_file():
+            raise UserError(f"{folder} has no {TOKEN_BYTES_NAME} (prepared by an older version): "
+                            "run python data/prepare.py again")
+        token_bytes = torch.from_numpy(np.load(folder / TOKEN_BYTES_NAME, allow_pickle=False).astype(np.int64))
     return Dataset(meta, splits["train"], splits["val"], token_bytes)
 
 
@@ -153,15 +159,10 @@ def get_batch(data, batch_size, block_size, generator, device):
 
 
 # ----------------------------------------------------------------------------
-# evaluation
-
-def bits_per_byte(total_nats, total_bytes):
-    """Total negative log-likelihood in nats, converted to bits and spread over the text's bytes."""
-    return total_nats / (math.log(2) * total_bytes)
-
+# evaluation: bits per byte, the one quality metric
 
 def predicted_bytes(y, token_bytes):
-    """Bytes of text the targets stand for: each token's bytes, or a pooled chunk's bytes (padding is < 0)."""
+    """Bytes of text the targets stand for: each token id's bytes, or for pooled chunks their real bytes (PAD < 0)."""
     if token_bytes is None:
         return (y >= 0).sum().item()
     return token_bytes[y.cpu()].sum().item()
@@ -170,8 +171,16 @@ def predicted_bytes(y, token_bytes):
 @torch.no_grad()
 def evaluate(model, data, token_bytes, block_size, max_tokens=0, batch_size=64, autocast=contextlib.nullcontext()):
     """
-    Mean loss per token and bits per byte over consecutive, non-overlapping
-    windows from the start of data: the same tokens every time, so numbers
+    Validation loss per token and bits per byte, the number that compares models
+    across tokenizations:
+
+        bits per byte = (sum of -ln p over every predicted unit) / (ln 2 * UTF-8 bytes those units cover)
+
+    A unit is a byte, a BPE token, or a pooled chunk (its bytes and end symbol);
+    whatever the unit, the numerator is the code length of the same text, and
+    the denominator its size. token_bytes (from data/prepare.py) says how many
+    bytes each token id covers. Windows are consecutive and non-overlapping
+    from the start of data, so every call scores the same tokens: numbers
     from different steps and runs compare exactly.
     """
     n_windows = (len(data) - 1) // block_size
@@ -191,7 +200,7 @@ def evaluate(model, data, token_bytes, block_size, max_tokens=0, batch_size=64, 
         total_tokens += y.size(0) * y.size(1)  # tokens, or chunks
         total_bytes += predicted_bytes(y, token_bytes)
     model.train(was_training)
-    return {"val_loss": total_nats / total_tokens, "val_bpb": bits_per_byte(total_nats, total_bytes)}
+    return {"val_loss": total_nats / total_tokens, "val_bpb": total_nats / (math.log(2) * total_bytes)}
 
 
 # ----------------------------------------------------------------------------
@@ -298,96 +307,124 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
                dist=Distributed()):
     """
     Run optimizer steps from state.step to config.max_iters, evaluating and
-    checkpointing every eval_interval steps and at the end.
-    batch_fn(data, batch_size, block_size, generator, device) returns (x, y);
-    loss_fn(model, x, y) returns (loss, extra metrics), both averaged over the
-    step's micro-batches and logged. distill.py passes its own: y may then
-    carry the teacher's targets.
-    With several processes each runs grad_accum / world_size of the step's
-    micro-batches; gradients are averaged once per step.
+    checkpointing every eval_interval steps and at the end; returns the last
+    evaluation. distill.py passes its own batch_fn(data, batch_size,
+    block_size, generator, device) -> (x, y) and loss_fn(model, x, y) ->
+    (loss, extra metrics); y may then carry a teacher's targets.
     """
     raw_model = model
-    if config.compile:
-        model = torch.compile(model)
-    eval_model = model  # evaluation runs on the main process only, outside DDP's collective calls
-    if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
-    autocast = contextlib.nullcontext()
-    if device.startswith("cuda"):
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    block_size = raw_model.config.block_size
-    local_accum = config.grad_accum // dist.world_size
-    first_micro_batch = dist.rank * local_accum  # this process's share of the step's micro-batches
-    tokens_per_step = config.batch_size * config.grad_accum * block_size
+    model, eval_model = wrap_model(model, config, device, dist)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     out_dir = Path(config.out_dir)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    def save():
-        save_checkpoint(make_checkpoint(raw_model, optimizer, config, state, dataset.meta), out_dir / CHECKPOINT_NAME)
-
-    def run_eval():
-        result = evaluate(eval_model, dataset.val, dataset.token_bytes, block_size, config.eval_tokens, autocast=autocast)
+    def evaluate_and_save():
+        result = evaluate(eval_model, dataset.val, dataset.token_bytes, raw_model.config.block_size,
+                          config.eval_tokens, autocast=autocast)
         log_metrics(out_dir, {"step": state.step, **result})
         tqdm.write(f"step {state.step}: val loss {result['val_loss']:.4f}, val {result['val_bpb']:.4f} bits per byte")
+        save_checkpoint(make_checkpoint(raw_model, optimizer, config, state, dataset.meta), out_dir / CHECKPOINT_NAME)
         return result
 
     model.train()
     raw_model.set_step(state.step)
-    result = None
+    tokens_per_step = config.batch_size * config.grad_accum * raw_model.config.block_size
+    timer = Throughput(tokens_per_step, state.step)
     progress = tqdm(total=config.max_iters, initial=state.step, unit="step", dynamic_ncols=True, disable=not dist.is_main)
-    t_last, step_last = time.perf_counter(), state.step
+    result = None
     try:
         while state.step < config.max_iters:
             lr = learning_rate(state.step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            totals = {}  # loss and extra metrics summed over this process's micro-batches
-            for i in range(local_accum):
-                seed = micro_batch_seed(config.seed, state.step, first_micro_batch + i)
-                x, y = batch_fn(dataset.train, config.batch_size, block_size, torch.Generator().manual_seed(seed), device)
-                torch.manual_seed(seed)  # dropout
-                # only the last micro-batch's backward averages gradients across processes
-                sync = dist.world_size == 1 or i == local_accum - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with autocast:
-                        loss, extra = loss_fn(model, x, y)
-                    (loss / local_accum).backward()
-                for key, value in {"loss": loss, **extra}.items():
-                    totals[key] = totals.get(key, 0.0) + torch.as_tensor(value).detach().float()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+            metrics = accumulate_gradients(model, raw_model.config.block_size, dataset, config, state, device, dist,
+                                           loss_fn, batch_fn, autocast)
+            if config.grad_clip > 0:  # every trained parameter, distill.py's projection included
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             raw_model.set_step(state.step)
             progress.update(1)
 
-            if state.step % config.log_interval == 0 or state.step == config.max_iters:
-                means = torch.stack(list(totals.values())) / config.grad_accum
-                if dist.world_size > 1:
-                    torch.distributed.all_reduce(means)  # sums the processes' shares into the step's mean
-                now = time.perf_counter()
-                tokens_per_s = tokens_per_step * (state.step - step_last) / (now - t_last)
-                t_last, step_last = now, state.step
-                record = {"step": state.step, **dict(zip(totals, means.tolist())), "lr": lr,
-                          "tokens_per_s": round(tokens_per_s)}
+            last = state.step == config.max_iters
+            if state.step % config.log_interval == 0 or last:
+                record = {"step": state.step, **mean_metrics(metrics, config, dist), "lr": lr,
+                          "tokens_per_s": round(timer.rate(state.step))}
                 if dist.is_main:
                     log_metrics(out_dir, record)
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if (state.step % config.eval_interval == 0 or state.step == config.max_iters) and dist.is_main:
-                result = run_eval()
-                save()
-                t_last, step_last = time.perf_counter(), state.step  # evaluation time is not training throughput
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,}")
+            if (state.step % config.eval_interval == 0 or last) and dist.is_main:
+                result = evaluate_and_save()
+                timer.restart(state.step)  # evaluation time is not training throughput
     except KeyboardInterrupt:
         progress.close()
         if dist.is_main:
-            save()
+            save_checkpoint(make_checkpoint(raw_model, optimizer, config, state, dataset.meta), out_dir / CHECKPOINT_NAME)
             print(f"interrupted at step {state.step}: saved {out_dir / CHECKPOINT_NAME}; continue with --resume")
         sys.exit(130)
     progress.close()
     return result
+
+
+def wrap_model(model, config, device, dist):
+    """(model to train, model to evaluate): compiled if asked, and under DDP with several processes."""
+    if config.compile:
+        model = torch.compile(model)
+    eval_model = model  # evaluation runs on the main process only, outside DDP's collective calls
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
+    return model, eval_model
+
+
+def accumulate_gradients(model, block_size, dataset, config, state, device, dist, loss_fn, batch_fn, autocast):
+    """
+    Forward and backward over this process's share of the step's micro-batches
+    (grad_accum / world_size of them); returns the loss and extra metrics
+    summed over them. Gradients are averaged across processes once, in the
+    last micro-batch's backward.
+    """
+    local_accum = config.grad_accum // dist.world_size
+    totals = {}
+    for i in range(local_accum):
+        seed = micro_batch_seed(config.seed, state.step, dist.rank * local_accum + i)
+        x, y = batch_fn(dataset.train, config.batch_size, block_size, torch.Generator().manual_seed(seed), device)
+        torch.manual_seed(seed)  # dropout
+        sync = dist.world_size == 1 or i == local_accum - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast:
+                loss, extra = loss_fn(model, x, y)
+            (loss / local_accum).backward()
+        for key, value in {"loss": loss, **extra}.items():
+            totals[key] = totals.get(key, 0.0) + torch.as_tensor(value).detach().float()
+    return totals
+
+
+def mean_metrics(totals, config, dist):
+    """The step's mean of each summed metric, over all micro-batches of all processes."""
+    means = torch.stack(list(totals.values())) / config.grad_accum
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(means)  # sums the processes' shares
+    return dict(zip(totals, means.tolist()))
+
+
+class Throughput:
+    """Training tokens per second between two log lines, with evaluation and checkpointing left out."""
+
+    def __init__(self, tokens_per_step, step):
+        self.tokens_per_step = tokens_per_step
+        self.restart(step)
+
+    def restart(self, step):
+        self.t0, self.step0 = time.perf_counter(), step
+
+    def rate(self, step):
+        now = time.perf_counter()
+        tokens_per_s = self.tokens_per_step * (step - self.step0) / (now - self.t0)
+        self.t0, self.step0 = now, step
+        return tokens_per_s
 
 
 def model_keys_from_data(meta):

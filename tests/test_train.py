@@ -13,29 +13,11 @@ import torch
 import train
 from cli import UserError
 from data import prepare
+from conftest import TINY_TRAIN_ARGS as TINY
 from model import GPT, GPTConfig, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# a tiny model and a few steps: each run takes about a second on one thread
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-        "--eval_interval=10", "--eval_tokens=512", "--log_interval=5", "--threads=1", "--learning_rate=3e-3", "--warmup_iters=10"]
-
-
-@pytest.fixture(scope="module")
-def corpus_text():
-    # repetitive enough that a two-layer model learns it in a few dozen steps
-    rng = np.random.default_rng(0)
-    words = ["the ", "cat ", "sat ", "on ", "a ", "mat. ", "a ", "dog ", "ran\n"]
-    return "".join(rng.choice(words, size=6000)).encode()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, corpus_text):
-    folder = tmp_path_factory.mktemp("data")
-    text_file = folder / "tiny.txt"
-    text_file.write_bytes(corpus_text)
-    return str(prepare.prepare(prepare.PrepareConfig(input=str(text_file), data_dir=str(folder))))
 
 
 def run_train(dataset, out_dir, *args):
@@ -67,7 +49,7 @@ def test_help_lists_every_key():
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     for key in list(train.TrainConfig.__dataclass_fields__) + list(GPTConfig.__dataclass_fields__):
-        assert f"--{key}=" in result.stdout
+        assert f"--{key} " in result.stdout
 
 
 # ----------------------------------------------------------------------------
@@ -80,11 +62,6 @@ def test_learning_rate_schedule():
     assert train.learning_rate(60, config) == pytest.approx(0.55)  # halfway down the cosine
     assert train.learning_rate(110, config) == pytest.approx(0.1)
     assert train.learning_rate(500, config) == pytest.approx(0.1)
-
-
-def test_bits_per_byte_by_hand():
-    # 3 predictions of 2 nats each over 4 bytes of text: 6 / (4 ln 2) bits per byte
-    assert train.bits_per_byte(6.0, 4) == pytest.approx(6 / (4 * math.log(2)))
 
 
 def uniform_model(vocab_size, block_size):
@@ -216,3 +193,18 @@ def test_prepare_train_sample_end_to_end(tmp_path, corpus_text):
     sample, stats = outputs[2].stdout, outputs[2].stderr
     assert sample.startswith("the ") and len(sample) > 20
     assert "tokens/s" in stats
+
+
+def test_clipping_covers_every_parameter_the_optimizer_trains(dataset, monkeypatch):
+    """distill.py trains a projection beside the model: its gradients must be clipped with the model's."""
+    config, model_config, _ = train.configure(["--dataset=" + dataset, *TINY, "--max_iters=1", "--eval_interval=1"])
+    _, device, data, model, _, state = train.setup(config, model_config)
+    extra = torch.nn.Linear(4, 4)
+    optimizer = train.make_optimizer(torch.nn.ModuleList([model, extra]), config, device)
+    clipped = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: clipped.extend(params))
+    monkeypatch.setattr(train, "save_checkpoint", lambda *args: None)
+    config.out_dir = str(Path(dataset) / "unused")
+    train.train_loop(model, optimizer, data, config, state, device)
+    assert {id(p) for p in extra.parameters()} <= {id(p) for p in clipped}
+    assert {id(p) for p in model.parameters()} <= {id(p) for p in clipped}
