@@ -27,11 +27,13 @@ FFN's first matrix, so that norm keeps no parameters of its own; a shared FFN
 Merge math runs in float64, so the merged weights are the training form's
 function rounded once to the model's dtype.
 
-    python reparam.py --ckpt=out/ckpt.pt      # merge, verify, save out/ckpt_merged.pt, time before and after
+    python reparam.py --ckpt=out/ckpt.pt      # merge, verify, save out/ckpt_merged.pt
+    python bench.py --ckpts=out/ckpt.pt,out/ckpt_merged.pt --merged=False   # time both side by side
 
 The merged checkpoint loads like any other (sample.py, bench.py): its config
 says `ffn_merged=True`, and model.py builds the inference modules from here.
-This file needs nothing from model.py except in its command line.
+This file needs nothing from model.py except in its command line, which
+loads and saves whole models; timing is bench.py's job.
 """
 
 import dataclasses
@@ -44,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from byte_tokenizer import BYTE_VALUES, PAD
 from cli import UserError, parse_config, run
 
 FFN_TYPES = ("linear", "rep_linear", "rep_parallel", "rep_anneal")  # the FFNs this file builds for model.py
@@ -52,7 +55,7 @@ LOW_RANK_DIVISOR = 4  # rep_parallel's low-rank branch has rank n_embd / 4
 MERGE_DTYPE = torch.float64
 MERGED_SUFFIX = "_merged"  # out/ckpt.pt -> out/ckpt_merged.pt
 LOGIT_TOLERANCE = 1e-4  # max |logit difference| a merged fp32 model may show
-VERIFY_BATCH = 4  # random and real windows compared per check
+VERIFY_BATCH = 4  # random windows whose logits are compared
 
 
 def annealed_channels(config):
@@ -188,11 +191,6 @@ class RepParallelFFN(nn.Module):
         return _linear_state("c_proj", merged, dense * b, self.c_proj.bias is not None)
 
 
-def anneal_progress(step, anneal_iters):
-    """rep_anneal's schedule: how far the annealed channels are from GELU (0) to the identity (1) at a step."""
-    return min(1.0, step / anneal_iters)
-
-
 class RepAnnealFFN(nn.Module):
     """
     A GELU FFN whose last `annealed_channels(config)` hidden channels compute
@@ -217,7 +215,10 @@ class RepAnnealFFN(nn.Module):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     def progress(self):
-        """The schedule's position t in [0, 1], as a tensor (no host sync on a GPU)."""
+        """
+        The schedule's position t in [0, 1]: how far the annealed channels are
+        from GELU (0) to the identity (1), as a tensor (no host sync on a GPU).
+        """
         # integers divided in float64: t is exactly 1 from anneal_iters on
         return (self.steps_done.to(MERGE_DTYPE) / self.anneal_iters).clamp(max=1.0)
 
@@ -321,48 +322,63 @@ def reparameterize(model):
 
 
 def forward_flops(model, seq_len):
-    """FLOPs of one forward pass over a (1, seq_len) input, counted by torch's FlopCounterMode."""
+    """FLOPs of one forward pass over a random (1, seq_len) input, counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
-    idx = torch.zeros(1, seq_len, dtype=torch.long, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)  # the same input for every model compared
+    idx, targets = (random_inputs(model.config, 1, seq_len, generator).to(device) for _ in range(2))
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        model(idx)
+        model(idx, targets if model.config.embedder == "pooled" else None)
     return counter.get_total_flops()
 
 
+def random_inputs(config, batch, seq_len, generator):
+    """
+    Random inputs the model accepts: token ids (batch, seq_len), or for a
+    pooled model chunks (batch, seq_len, max_chunk_bytes) of 1 to
+    max_chunk_bytes random bytes, padded with PAD.
+    """
+    if config.embedder != "pooled":
+        return torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
+    width = config.max_chunk_bytes
+    values = torch.randint(0, BYTE_VALUES, (batch, seq_len, width), generator=generator)
+    lengths = torch.randint(1, width + 1, (batch, seq_len, 1), generator=generator)
+    return values.masked_fill(torch.arange(width) >= lengths, PAD)
+
+
 # ----------------------------------------------------------------------------
-# command line: merge a checkpoint, verify it, save it, time it
+# command line: merge a checkpoint, verify it, save it (bench.py times it)
 
 @dataclass
 class ReparamConfig:
     ckpt: str = "out/ckpt.pt"
     out: str = ""  # the merged checkpoint; "" = next to ckpt, as ckpt_merged.pt
     verify_tokens: int = 64  # greedy tokens the merged model must reproduce exactly
-    eval: bool = True  # bits per byte on the whole validation split, before and after
-    seq_lens: str = "1,16,64,128"  # prefill lengths to time (capped at the model's block_size)
-    repeats: int = 30  # timed prefills per length and model
     threads: int = 0  # CPU threads for torch; 0 = every core
     seed: int = 1337
 
 
-def max_logit_difference(model, merged, idx):
+def max_logit_difference(model, merged, idx, targets):
+    # a pooled model's byte decoder reads the target chunks (teacher forcing): it has no logits without them
     with torch.inference_mode():
-        return (model(idx)[0] - merged(idx)[0]).abs().max().item()
+        a, b = model(idx, targets)[0], merged(idx, targets)[0]
+    # equal logits differ by 0, including the -inf of symbols a pooled model's decoder rules out
+    return torch.where(a == b, 0.0, (a - b).abs()).max().item()
 
 
-def verify(model, merged, real_windows, config, generator):
-    """Compare logits on random and real inputs and greedy generations; raise a UserError on any mismatch."""
-    block_size = model.config.block_size
-    random_idx = torch.randint(0, model.config.vocab_size, (VERIFY_BATCH, block_size), generator=generator)
-    checks = {"random": random_idx}
-    if real_windows is not None:
-        checks["real"] = real_windows
-    for name, idx in checks.items():
-        diff = max_logit_difference(model, merged, idx)
-        print(f"max |logit difference| on {name} inputs: {diff:.2e} (tolerance {LOGIT_TOLERANCE:.0e})")
-        if not diff <= LOGIT_TOLERANCE:
-            raise UserError(f"merged model differs from the original by {diff:.2e} on {name} inputs: not saved")
-    prompt = (real_windows if real_windows is not None else random_idx)[:1, : block_size // 2]
+def verify(model, merged, config, generator):
+    """
+    Compare logits on random inputs, and greedy generations from a random
+    prompt; raise a UserError on any mismatch. A merge is an algebraic
+    identity, so random inputs test it as well as real text would.
+    """
+    idx, targets = (random_inputs(model.config, VERIFY_BATCH, model.config.block_size, generator) for _ in range(2))
+    diff = max_logit_difference(model, merged, idx, targets)
+    print(f"max |logit difference| on random inputs: {diff:.2e} (tolerance {LOGIT_TOLERANCE:.0e})")
+    if not diff <= LOGIT_TOLERANCE:
+        raise UserError(f"merged model differs from the original by {diff:.2e}: not saved")
+    prompt = idx[:1, : model.config.block_size // 2]
     greedy = [m.generate(prompt, config.verify_tokens, temperature=0) for m in (model, merged)]
     if not torch.equal(*greedy):
         raise UserError(f"merged model's {config.verify_tokens} greedy tokens differ from the original's: not saved")
@@ -370,34 +386,17 @@ def verify(model, merged, real_windows, config, generator):
 
 
 def main(argv=None):
-    from model import load_checkpoint, model_from_checkpoint, save_checkpoint  # one-way imports: see DESIGN.md
+    # model.py imports this file for its FFNs, so only the command line, which needs whole models, imports it back
+    from model import load_checkpoint, model_from_checkpoint, save_checkpoint
     config = ReparamConfig()
     parse_config([config], sys.argv[1:] if argv is None else argv, usage=__doc__)
     torch.set_num_threads(config.threads or os.cpu_count())
-    try:
-        seq_lens = [int(s) for s in config.seq_lens.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seq_lens expects comma-separated integers, got {config.seq_lens!r}") from None
     checkpoint = load_checkpoint(config.ckpt)
     model = model_from_checkpoint(checkpoint)
     merged = reparameterize(model)
     print(f"merged {model.config.ffn} FFNs of {config.ckpt}"
           f"{' (norms folded in)' if merged.config.ffn_norm_folded else ' (shared FFN: norms kept)'}")
-
-    dataset = None
-    dataset_name = checkpoint.get("train_config", {}).get("dataset")
-    if dataset_name:
-        from train import load_dataset
-        try:
-            dataset = load_dataset(dataset_name, model.config.block_size)
-        except UserError as e:
-            print(f"real inputs skipped: {e}")
-    generator = torch.Generator().manual_seed(config.seed)
-    real_windows = None
-    if dataset is not None:
-        from train import get_batch
-        real_windows, _ = get_batch(dataset.val, VERIFY_BATCH, model.config.block_size, generator, "cpu")
-    verify(model, merged, real_windows, config, generator)
+    verify(model, merged, config, torch.Generator().manual_seed(config.seed))
 
     ckpt = Path(config.ckpt)
     out = Path(config.out) if config.out else ckpt.with_name(ckpt.stem + MERGED_SUFFIX + ckpt.suffix)
@@ -412,22 +411,7 @@ def main(argv=None):
         counts = m.num_params()
         gflops = forward_flops(m, m.config.block_size) / 1e9
         print(f"{name:<10} {counts['total']:>12,} {counts['core']:>10,} {gflops:>14.4f}")
-    if config.eval and dataset is not None:
-        from train import evaluate
-        for name, m in (("original", model), ("merged", merged)):
-            result = evaluate(m, dataset.val, dataset.token_bytes, m.config.block_size)
-            print(f"{name} val: {result['val_loss']:.6f} nats per token, {result['val_bpb']:.6f} bits per byte")
-
-    from bench import time_prefill  # the project's one timing harness
-    print(f"\nbatch-1 prefill latency, median ms over {config.repeats} runs ({torch.get_num_threads()} threads)")
-    print(f"{'seq':>5} {'original':>10} {'merged':>10} {'speedup':>8}")
-    for seq_len in seq_lens:
-        if not 1 <= seq_len <= model.config.block_size:
-            print(f"{seq_len:>5} skipped: outside 1..block_size={model.config.block_size}")
-            continue
-        before = time_prefill(model, seq_len, repeats=config.repeats)["median_ms"]
-        after = time_prefill(merged, seq_len, repeats=config.repeats)["median_ms"]
-        print(f"{seq_len:>5} {before:>10.3f} {after:>10.3f} {before / after:>7.2f}x")
+    print(f"time both, side by side: python bench.py --ckpts={ckpt},{out} --merged=False")
 
 
 if __name__ == "__main__":

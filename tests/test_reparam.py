@@ -140,23 +140,18 @@ def test_inconsistent_merge_flags_are_refused():
 # ----------------------------------------------------------------------------
 # the anneal schedule
 
-def test_anneal_schedule_reaches_the_identity_exactly_at_its_end():
-    assert reparam.anneal_progress(0, 7) == 0.0
-    assert 0.0 < reparam.anneal_progress(6, 7) < 1.0
-    assert reparam.anneal_progress(7, 7) == 1.0
-    assert reparam.anneal_progress(70, 7) == 1.0
-
-
 @pytest.mark.parametrize("shape", [dict(), dict(share_ffn=True), dict(block_repeat=3)])
-def test_anneal_clock_follows_the_step_train_py_sets(shape):
-    model = GPT(tiny_config("rep_anneal", **shape)).train()
+def test_anneal_schedule_follows_the_step_train_py_sets_and_ends_exactly_at_one(shape):
+    iters = 7
+    model = GPT(tiny_config("rep_anneal", anneal_iters=iters, **shape)).train()
     idx = torch.zeros(1, 4, dtype=torch.long)
-    for step in range(ANNEAL_ITERS + 2):
+    for step in (0, 1, 6, 7, 70):
         model.set_step(step)
         model(idx)  # forward passes, however many per step, do not move the clock
         for block in model.h:
-            assert block.mlp.progress().item() == reparam.anneal_progress(step, ANNEAL_ITERS)
-    assert model.h[0].mlp.progress().item() == 1.0
+            assert block.mlp.progress().item() == min(1.0, step / iters)  # the schedule, by hand
+    model.set_step(iters - 1)
+    assert model.h[0].mlp.progress().item() < 1.0  # one step short: not yet mergeable
 
 
 def test_training_drives_the_anneal_clock(tmp_path):
@@ -214,24 +209,58 @@ def test_every_branch_learns():
 # ----------------------------------------------------------------------------
 # the command line
 
-def write_checkpoint(path, ffn, dataset="default_bytes", **overrides):
+def write_checkpoint(path, ffn, **overrides):
     model = trained_like(tiny_config(ffn, vocab_size=256, **overrides), dtype=torch.float32)
     save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                     "train_config": {"dataset": dataset}, "step": 0,
+                     "train_config": {"dataset": "default_bytes"}, "step": 0,
                      "data_meta": {"tokenization": "bytes", "vocab_size": 256}}, path)
     return model
 
 
-def test_cli_merges_verifies_and_saves_a_loadable_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("embedder", ["tokens", "pooled"])
+def test_cli_merges_verifies_and_saves_a_loadable_checkpoint(tmp_path, capsys, embedder):
     path = tmp_path / "ckpt.pt"
-    model = write_checkpoint(path, "rep_anneal")
-    reparam.main([f"--ckpt={path}", "--seq_lens=1,8,999", "--repeats=2", "--threads=1"])
+    model = write_checkpoint(path, "rep_anneal", embedder=embedder, max_chunk_bytes=4)
+    reparam.main([f"--ckpt={path}", "--verify_tokens=8", "--threads=1"])
     out = capsys.readouterr().out
-    assert "greedy tokens: identical" in out and "real inputs" in out and "999 skipped" in out
+    assert "max |logit difference| on random inputs" in out and "8 greedy tokens: identical" in out
+    assert f"python bench.py --ckpts={path},{tmp_path / 'ckpt_merged.pt'}" in out
     merged = model_from_checkpoint(load_checkpoint(tmp_path / "ckpt_merged.pt"))
     assert merged.config.ffn_merged
-    idx = torch.randint(0, 256, (1, 16))
-    assert (logits(merged, idx) - logits(model, idx)).abs().max().item() <= reparam.LOGIT_TOLERANCE
+    idx, targets = (reparam.random_inputs(model.config, 1, 16, torch.Generator()) for _ in range(2))
+    with torch.no_grad():
+        expected, got = model(idx, targets)[0], merged(idx, targets)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=reparam.LOGIT_TOLERANCE)  # -inf matches -inf
+
+
+def test_random_pooled_inputs_are_padded_chunks_of_one_or_more_bytes():
+    chunks = reparam.random_inputs(tiny_config("rep_linear", embedder="pooled", max_chunk_bytes=4), 8, 16,
+                                   torch.Generator())
+    assert chunks.shape == (8, 16, 4) and chunks.min() == -1 and chunks.max() <= 255
+    lengths = (chunks >= 0).sum(-1)
+    assert lengths.min() >= 1 and torch.equal(chunks >= 0, torch.arange(4) < lengths[..., None])  # padding at the end
+
+
+@pytest.mark.parametrize("broken, error", [("logits", "differs from the original by"),
+                                           ("generation", "greedy tokens differ")])
+def test_cli_refuses_to_save_a_merge_that_computes_something_else(tmp_path, monkeypatch, broken, error):
+    path = tmp_path / "ckpt.pt"
+    write_checkpoint(path, "rep_linear")
+    merge = reparam.reparameterize
+
+    def wrong_merge(model):
+        merged = merge(model)
+        if broken == "logits":
+            with torch.no_grad():
+                merged.h[0].mlp.c_proj.weight[0, 0] += 1e-2
+        else:  # logits within tolerance, yet other greedy tokens (as a near-tie broken the other way gives)
+            monkeypatch.setattr(merged, "generate", lambda idx, n, **sampling: torch.zeros(1, n, dtype=torch.long))
+        return merged
+
+    monkeypatch.setattr(reparam, "reparameterize", wrong_merge)
+    with pytest.raises(UserError, match=error):
+        reparam.main([f"--ckpt={path}", "--verify_tokens=8", "--threads=1"])
+    assert not (tmp_path / "ckpt_merged.pt").exists()
 
 
 def test_cli_refuses_a_checkpoint_with_nothing_to_merge(tmp_path):
