@@ -245,6 +245,9 @@ def teacher_windows(n_tokens, context, stride=0):
     < p) is kept exactly once, and except in the first window, from at least
     context - stride tokens of context.
     """
+    if context >= n_tokens:  # a window of context inputs needs one more token as its last target
+        raise UserError(f"the teacher's windows of {context} tokens need at least {context + 1} tokens of training data, "
+                        f"which has {n_tokens}: pass a smaller --teacher_context")
     stride = stride or max(1, context // 2)
     last_start = n_tokens - 1 - context  # the final window ends at the last target
     starts = list(range(0, last_start, stride)) + [last_start]

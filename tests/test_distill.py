@@ -113,6 +113,13 @@ def test_teacher_windows_keep_every_target_once_with_half_a_window_of_context():
         assert kept == list(range(1, n_tokens))
 
 
+@pytest.mark.parametrize("n_tokens", [16, 10, 1])
+def test_teacher_windows_longer_than_the_data_are_refused(n_tokens):
+    # a window of 16 inputs needs 17 tokens: fewer would start it before the data (where numpy wraps around)
+    with pytest.raises(UserError, match="windows of 16 tokens need at least 17 tokens"):
+        distill.teacher_windows(n_tokens, 16)
+
+
 def test_cached_batches_are_train_py_batches(dataset):
     data = train.load_dataset(dataset, 16).train
     fake_cache = {"indices": np.zeros((len(data), 2), np.uint16), "logprobs": np.zeros((len(data), 2), np.float16),
