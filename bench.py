@@ -2,36 +2,33 @@
 Latency and throughput benchmark: how fast is a super tiny model, and where
 does its time go?
 
-    python bench.py                                     # the quick default: cpu-tiny and stlm-10m at a few lengths
+    python bench.py                                     # the quick default: cpu-tiny and stlm-10m
     python bench.py --presets=cpu-tiny,stlm-10m,stlm-50m --seq_lens=1,16,64,128 --threads=2
-    python bench.py --ckpts=out/ckpt.pt                 # a trained model, with bytes/s from its own samples
-    python bench.py --ffns=swiglu,rep_linear            # FFN types side by side (merged too, when reparam.py has them)
-    python bench.py --tokenizations=bytes,bpe           # a 256-byte vs a 50,257-token vocabulary
+    python bench.py --ckpts=out/ckpt.pt,out/ckpt_merged.pt   # checkpoints side by side (reparam.py merges)
+    python bench.py --ffns=swiglu,rep_linear            # FFN types side by side, a rep_* one merged beside it
+    python bench.py --vocab_size=50257                  # GPT-2's vocabulary instead of 256 bytes
     python bench.py --device=cuda --dtype=bfloat16 --cuda_graphs
     python bench.py --help                              # every key; GPTConfig keys (--n_layer=6) override the presets
 
-It measures, for every model:
-- prefill latency: hidden states of a prompt, the head on its last position
-  only (what producing the first token costs), batch 1 and a batch sweep;
+For every model:
+- prefill latency (batch 1, the head on the last position only: what the
+  first token costs) and where it goes: the FFN's share, 1 - t(FFNs removed) / t,
+  and on a CPU the time inside each kind of module, from forward hooks reading
+  the wall clock (on a GPU, where kernels run asynchronously, a hook would
+  time kernel launches, so none is used);
 - decode latency per token with the KV cache, at a given context length;
-- end-to-end generation tokens/s through model.generate_stream, with the
-  cache and without it (nanoGPT's sample.py recomputes the whole window every
-  token: the baseline the cache is measured against);
+- generation tokens/s through model.generate_stream, with the cache and
+  without it: then, as in nanoGPT's sample.py, the last block_size tokens are
+  recomputed for every new token;
 - training tokens/s of a full step (forward, backward, clipping, AdamW) and
-  the model FLOPs utilisation (MFU) against a matmul peak measured in the same
-  run, on the same device, dtype and threads (next to each training step; the
-  run's best peak is the denominator, since a busy CPU can only lower it);
-- the time split into embedding, attention, FFN, norms and head (per-module
-  timing hooks), cross-checked by timing the model with its FFN removed.
+  the model FLOPs utilisation (MFU) against a matmul peak measured next to it.
 
-Timing is honest: warm-up calls first, then the median and p10/p90 of many
-calls, under torch.inference_mode, a fixed thread count on CPU and CUDA events
-with synchronisation on a GPU. Every table is printed with the device, torch
-version, dtype and thread count; all numbers also go to a JSON file, and to a
-PNG of latency against sequence length when matplotlib is installed.
-
-Pooled byte models (byte_tokenizer.py) are not covered yet: that issue adds
-its variant here (bytes/s then differs from tokens/s).
+Latencies are medians (with p10/p90) of many calls after warm-up calls, on a
+fixed thread count; on CUDA float32 multiplies in TF32, as train.py trains.
+Tables name the device, torch version, dtype, threads and load average, and
+every number also goes to a JSON file. The default run takes about 40 s with
+--threads=1 on an idle core, most of it stlm-10m generating without the cache.
+Pooled byte models (embedder="pooled") are not benchmarked yet.
 """
 
 import contextlib
@@ -52,50 +49,47 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import reparam
+import train
 from cli import UserError, parse_config, run
 from model import GPT, GPTConfig, KVCache, load_checkpoint, model_from_checkpoint, preset_config
-from tokenizer import BYTE_VOCAB, GPT2_VOCAB, token_byte_table
+from tokenizer import BYTE_VOCAB, token_byte_table
 
 
 @dataclass
 class BenchConfig:
     # what to measure
-    presets: str = "cpu-tiny,stlm-10m"  # comma-separated names from model.py; "" for none
+    presets: str = "cpu-tiny,stlm-10m"  # comma-separated names from model.py; skipped if only --ckpts is given
     ckpts: str = ""  # comma-separated checkpoint paths, benchmarked as trained
     ffns: str = ""  # comma-separated FFN types to run each preset with; "" = the preset's own
-    tokenizations: str = "bytes"  # bytes | bpe, comma-separated: sets each preset's vocabulary
-    merged: bool = True  # also time the merged form of reparameterizable FFNs (needs reparam.py)
     # the sweep; lengths beyond a model's block_size are skipped and shown as "-"
-    seq_lens: str = "1,16,64"  # prefill lengths
-    batch_sizes: str = "1"  # prefill batch sweep
+    seq_lens: str = "1,16,64"  # prefill lengths (and where the time goes at each)
     context_lens: str = "1,16,64"  # decode: positions the new token attends to (itself + the cache)
-    split_lens: str = "16,64"  # prefill lengths for the time split
-    gen_tokens: int = 200  # tokens per generation run (0 skips generation)
+    gen_tokens: int = 200  # tokens generated with and without the cache (0 skips generation)
     train_batch: int = 12  # training step: nanoGPT's CPU batch...
     train_len: int = 64  # ...and context; 0 = each model's block_size
     # timing
     repeats: int = 30  # timed calls per measurement (the median and p10/p90 are over these)
     warmup: int = 5  # untimed calls first: allocator, caches, lazy initialisation
-    train_repeats: int = 5  # training steps are slow: fewer of them
-    gen_repeats: int = 3  # generation runs per setting
+    train_repeats: int = 3  # training steps are slow: fewer of them
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 | float16 (training autocasts to it)
     threads: int = 0  # CPU threads for torch; 0 = every core
     cuda_graphs: bool = False  # replay prefill/decode as CUDA graphs (one launch instead of hundreds)
     seed: int = 0
-    out: str = "out-bench/bench.json"  # the JSON report; the plot goes next to it
+    out: str = "out-bench/bench.json"  # the JSON report
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VOCAB_SIZES = {"bytes": BYTE_VOCAB, "bpe": GPT2_VOCAB}
 PERCENTILES = (10, 90)  # the spread reported around each median
 # matmul peak: square sizes tried (the best wins): big enough to saturate the device, small enough to be quick
-PEAK_SIZES = {"cpu": (256, 512, 1024, 2048), "cuda": (2048, 4096, 8192)}
+PEAK_SIZES = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 PEAK_REPEATS = 10
+TRAIN_WARMUP = 1  # untimed training steps: AdamW allocates its state in the first
+GEN_WARMUP_TOKENS = 16  # a short untimed generation first: the allocator, lazy kernels
 GEN_TEMPERATURE, GEN_TOP_K = 0.8, 200  # nanoGPT sample.py's defaults, so the baseline matches its work
-MISSING = "-"  # a table cell the model cannot have (longer than its block_size)
-BUSY_LOAD = 1.0  # a 1-minute load average above this before starting: another process is using the CPU
+SPLIT_CATEGORIES = ("embedding", "attention", "ffn", "norm", "head", "other")
+MISSING = "-"  # a table cell not measured: longer than the model's block_size, or hooks on a GPU
 
 
 # ----------------------------------------------------------------------------
@@ -110,9 +104,8 @@ def summarize_ms(samples_ms):
 
 def cuda_graphed(fn, device):
     """
-    fn captured as a CUDA graph; calling the result replays its kernels in one
-    launch. fn must do the same work on the same tensors every call (a fixed
-    prompt, a cache rewound to the same length).
+    fn captured as a CUDA graph: the result replays its kernels in one launch and returns the
+    output they write. fn must do the same work on the same tensors every call.
     """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -122,95 +115,85 @@ def cuda_graphed(fn, device):
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        output = fn()
+
+    def replay():
+        graph.replay()
+        return output
+
+    return replay
 
 
-def time_fn(fn, repeats=30, warmup=5, device="cpu"):
-    """Time fn() repeats times after warmup calls: wall clock on CPU, CUDA events with synchronisation on a GPU."""
-    cuda = str(device).startswith("cuda")
+def time_fn(fn, repeats=30, warmup=5, device="cpu", cuda_graphs=False):
+    """
+    Wall-clock ms of fn() over repeats calls after warmup calls; on a GPU from
+    an idle GPU (synchronised) until the call's kernels have finished.
+    """
+    fn = cuda_graphed(fn, device) if cuda_graphs else fn
+    sync = partial(torch.cuda.synchronize, device) if torch.device(device).type == "cuda" else lambda: None
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(1000 * (time.perf_counter() - t0))
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(1000 * (time.perf_counter() - t0))
     return summarize_ms(samples)
 
 
-def model_device(model):
-    return next(model.parameters()).device
+def last_logits(model, idx, cache=None):
+    """Logits of the last position only: all a sampler needs, so the head runs once per sequence."""
+    return model.lm_head(model.hidden_states(idx, cache)[:, -1])
 
 
-def time_prefill(model, seq_len, batch_size=1, repeats=30, warmup=5, cuda_graphs=False):
-    """Prefill latency: hidden states of a (batch_size, seq_len) prompt and the head on its last position only."""
-    device = model_device(model)
-    idx = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
-
-    @torch.inference_mode()
-    def prefill():
-        return model.lm_head(model.hidden_states(idx)[:, -1])
-
-    fn = cuda_graphed(prefill, device) if cuda_graphs else prefill
-    return time_fn(fn, repeats, warmup, device)
+def time_prefill(model, seq_len, repeats=30, warmup=5, cuda_graphs=False):
+    """Prefill latency: hidden states of a (1, seq_len) prompt and the head on its last position only."""
+    device = next(model.parameters()).device
+    idx = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
+    return time_fn(torch.inference_mode()(partial(last_logits, model, idx)), repeats, warmup, device, cuda_graphs)
 
 
-def time_decode(model, context_len, batch_size=1, repeats=30, warmup=5, cuda_graphs=False):
+def time_decode(model, context_len, repeats=30, warmup=5, cuda_graphs=False):
     """
     Latency of one cached decode step whose new token attends to context_len
     positions: context_len - 1 in the KV cache, plus itself. The cache is
     rewound before every call, so each call decodes the same position.
     """
-    config, device = model.config, model_device(model)
+    config, device = model.config, next(model.parameters()).device
     with torch.inference_mode():
-        cache = KVCache(config, batch_size, device, next(model.parameters()).dtype)
-        prompt = torch.randint(0, config.vocab_size, (batch_size, context_len), device=device)
+        cache = KVCache(config, 1, device, next(model.parameters()).dtype)
+        prompt = torch.randint(0, config.vocab_size, (1, context_len), device=device)
         if context_len > 1:
             model.hidden_states(prompt[:, :-1], cache)
-    token = prompt[:, -1:]
 
     @torch.inference_mode()
     def decode():
         cache.length = context_len - 1
-        return model.lm_head(model.hidden_states(token, cache)[:, -1])
+        return last_logits(model, prompt[:, -1:], cache)
 
-    fn = cuda_graphed(decode, device) if cuda_graphs else decode
-    return time_fn(fn, repeats, warmup, device)
+    return time_fn(decode, repeats, warmup, device, cuda_graphs)
 
 
-def time_generation(model, n_tokens, use_cache, repeats=3, seed=0, token_bytes=None):
+def time_generation(model, n_tokens, use_cache, seed=0, token_bytes=None):
     """
-    End-to-end tokens/s of model.generate_stream from a one-token prompt,
-    each token read back to the host as a streaming sampler must. With
-    token_bytes (bytes of text per token id), bytes/s of what it generated.
+    Tokens/s of model.generate_stream from a one-token prompt, each token read
+    back to the host as a streaming sampler must; with token_bytes (bytes of
+    text per token id) also bytes/s. use_cache=False is nanoGPT's sliding window.
     """
-    device = model_device(model)
+    device = next(model.parameters()).device
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     sample = partial(model.generate_stream, prompt, temperature=GEN_TEMPERATURE, top_k=GEN_TOP_K,
                      use_cache=use_cache, generator=generator)
-    for _ in sample(min(n_tokens, model.config.block_size)):  # warm-up: the allocator, lazy kernels
+    for _ in sample(GEN_WARMUP_TOKENS):
         pass
-    rates, byte_rates = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ids = [token.item() for token in sample(n_tokens)]
-        seconds = time.perf_counter() - t0
-        rates.append(len(ids) / seconds)
-        if token_bytes is not None:
-            byte_rates.append(sum(token_bytes[i] for i in ids) / seconds)
-    return {"tokens_per_s": statistics.median(rates), "bytes_per_s": statistics.median(byte_rates) if byte_rates else None,
-            "tokens": n_tokens, "use_cache": use_cache}
+    t0 = time.perf_counter()
+    ids = [token.item() for token in sample(n_tokens)]
+    seconds = time.perf_counter() - t0
+    return {"tokens": n_tokens, "use_cache": use_cache, "tokens_per_s": n_tokens / seconds,
+            "bytes_per_s": None if token_bytes is None else sum(token_bytes[i] for i in ids) / seconds}
 
 
 # ----------------------------------------------------------------------------
@@ -220,9 +203,7 @@ def matmul_params(model):
     """
     Weights each token is multiplied by in one forward pass: every matrix of
     every block application (a shared FFN or a repeated block counts each time
-    it runs) plus the output head. The embedding is a lookup, not a matmul
-    (tied to the head, its matrix counts once, as the head). Works for any FFN
-    type, since it counts the block's own matrices.
+    it runs), any FFN type, plus the head. The embedding is a lookup, not a matmul.
     """
     per_pass = sum(p.numel() for block in model.h for p in block.parameters() if p.dim() >= 2)
     return model.config.block_repeat * per_pass + model.lm_head.weight.numel()
@@ -244,7 +225,7 @@ def train_flops_per_token(model, seq_len):
 def matmul_peak(device, dtype, repeats=PEAK_REPEATS):
     """The best FLOP/s of a square matmul on this device, dtype and thread count: MFU's denominator."""
     best = 0.0
-    for n in PEAK_SIZES["cuda" if str(device).startswith("cuda") else "cpu"]:
+    for n in PEAK_SIZES[device.type]:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         ms = time_fn(lambda: torch.mm(a, b), repeats, warmup=2, device=device)["median_ms"]
@@ -252,18 +233,15 @@ def matmul_peak(device, dtype, repeats=PEAK_REPEATS):
     return best
 
 
-def time_train_step(model, batch_size, seq_len, dtype, repeats=5, warmup=2):
-    """A full training step on random tokens: forward, backward, gradient clipping, AdamW (train.py's settings)."""
-    from train import TrainConfig, make_optimizer  # only the training measurement needs train.py
-    device = model_device(model)
+def time_train_step(model, batch_size, seq_len, dtype, repeats=3):
+    """A full training step on random tokens: forward, backward, gradient clipping, AdamW, with train.py's settings."""
+    device = next(model.parameters()).device
     model = copy.deepcopy(model).float().train()  # fp32 master weights, as train.py keeps them
-    train_config = TrainConfig()
-    optimizer = make_optimizer(model, train_config, str(device))
+    train_config = train.TrainConfig()
+    optimizer = train.make_optimizer(model, train_config, str(device))
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     y = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
-    autocast = contextlib.nullcontext()
-    if dtype != torch.float32:
-        autocast = torch.autocast(device.type, dtype=dtype)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
         with autocast:
@@ -273,7 +251,7 @@ def time_train_step(model, batch_size, seq_len, dtype, repeats=5, warmup=2):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    timing = time_fn(step, repeats, warmup, device)
+    timing = time_fn(step, repeats, TRAIN_WARMUP, device)
     tokens_per_s = batch_size * seq_len / (timing["median_ms"] / 1000)
     return {**timing, "batch_size": batch_size, "seq_len": seq_len, "tokens_per_s": tokens_per_s}
 
@@ -281,99 +259,58 @@ def time_train_step(model, batch_size, seq_len, dtype, repeats=5, warmup=2):
 # ----------------------------------------------------------------------------
 # where the time goes
 
-def module_categories(model):
-    """(module, category) for the modules a forward pass is built from; the residual adds fall in "other"."""
+@contextlib.contextmanager
+def module_timer(model):
+    """
+    Yields {category: wall-clock ms inside its modules}, filled by forward hooks
+    while the block runs: CPU only (on a GPU a hook would time kernel launches).
+    A module shared between blocks is hooked once and timed at every call;
+    the residual adds between modules are in no category.
+    """
+    totals_ms, started, handles = {}, [], []
     pairs = [(model.wte, "embedding"), (model.wpe, "embedding"), (model.ln_f, "head"), (model.lm_head, "head")]
     for block in model.h:
         pairs += [(block.ln_1, "norm"), (block.attn, "attention"), (block.ln_2, "norm"), (block.mlp, "ffn")]
-    return [(module, category) for module, category in pairs if module is not None]
 
+    def stop(category, module, args, output):
+        totals_ms[category] = totals_ms.get(category, 0.0) + 1000 * (time.perf_counter() - started.pop())
 
-class ModuleTimer:
-    """
-    Time spent inside each category of module, from forward pre/post hooks:
-    wall clock on CPU, CUDA events on a GPU (kernel time, not launch time).
-    A module shared between blocks is hooked once and timed at every call.
-    """
-
-    def __init__(self, model):
-        self.cuda = model_device(model).type == "cuda"
-        self.spans, self.open, self.handles, hooked = [], [], [], set()
-        for module, category in module_categories(model):
-            if id(module) not in hooked:
-                hooked.add(id(module))
-                self.handles.append(module.register_forward_pre_hook(self._start))
-                self.handles.append(module.register_forward_hook(partial(self._stop, category)))
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _start(self, module, args):
-        self.open.append(self._now())
-
-    def _stop(self, category, module, args, output):
-        self.spans.append((category, self.open.pop(), self._now()))
-
-    def totals_ms(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        totals = {}
-        for category, start, end in self.spans:
-            ms = start.elapsed_time(end) if self.cuda else 1000 * (end - start)
-            totals[category] = totals.get(category, 0.0) + ms
-        return totals
-
-    def remove(self):
-        for handle in self.handles:
+    for module, category in {id(m): (m, c) for m, c in pairs if m is not None}.values():
+        handles.append(module.register_forward_pre_hook(lambda module, args: started.append(time.perf_counter())))
+        handles.append(module.register_forward_hook(partial(stop, category)))
+    try:
+        yield totals_ms
+    finally:
+        for handle in handles:
             handle.remove()
 
 
-@contextlib.contextmanager
-def ffn_removed(model):
-    """The model with every block's FFN replaced by the identity (restored on exit): what the FFN costs."""
-    saved = [block.mlp for block in model.h]
-    for block in model.h:
-        block.mlp = nn.Identity()
+def time_split(model, seq_len, prefill_ms, repeats=30, warmup=5, cuda_graphs=False):
+    """
+    Where batch-1 prefill time goes: the FFN's share, 1 - t(without FFN) / t,
+    and on a CPU the ms per prefill inside each category of module ("other":
+    the rest of the hooked prefill's time, the glue between modules and the hooks).
+    """
+    ffns = [block.mlp for block in model.h]
     try:
-        yield model
+        for block in model.h:
+            block.mlp = nn.Identity()
+        without_ffn = time_prefill(model, seq_len, repeats, warmup, cuda_graphs)["median_ms"]
     finally:
-        for block, mlp in zip(model.h, saved):
-            block.mlp = mlp
-
-
-def time_split(model, seq_len, repeats=30, warmup=5):
-    """
-    Shares of batch-1 prefill time per category (they sum to 1, "other" being
-    the glue between modules), and the FFN's share measured the other way:
-    1 - (latency without the FFN) / (latency with it).
-    """
-    device = model_device(model)
-    idx = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
-    full = time_prefill(model, seq_len, repeats=repeats, warmup=warmup)["median_ms"]
-    with ffn_removed(model):
-        without_ffn = time_prefill(model, seq_len, repeats=repeats, warmup=warmup)["median_ms"]
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model.lm_head(model.hidden_states(idx)[:, -1])
-        timer = ModuleTimer(model)
-        try:
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                model.lm_head(model.hidden_states(idx)[:, -1])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            hooked_ms = 1000 * (time.perf_counter() - t0)
-            totals = timer.totals_ms()
-        finally:
-            timer.remove()
-    shares = {category: ms / hooked_ms for category, ms in totals.items()}
-    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
-    return {"seq_len": seq_len, "shares": shares, "prefill_ms": full, "without_ffn_ms": without_ffn,
-            "ffn_share_removed": 1.0 - without_ffn / full}
+        for block, ffn in zip(model.h, ffns):
+            block.mlp = ffn
+    result = {"without_ffn_ms": without_ffn, "ffn_share_removed": 1 - without_ffn / prefill_ms, "module_ms": None}
+    if next(model.parameters()).device.type != "cpu":
+        return result
+    idx = torch.randint(0, model.config.vocab_size, (1, seq_len))
+    with module_timer(model) as totals_ms, torch.inference_mode():
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            last_logits(model, idx)
+        hooked_ms = 1000 * (time.perf_counter() - t0) / repeats
+    result["module_ms"] = {category: ms / repeats for category, ms in totals_ms.items()}
+    result["module_ms"]["other"] = hooked_ms - sum(result["module_ms"].values())
+    return result
 
 
 # ----------------------------------------------------------------------------
@@ -381,21 +318,12 @@ def time_split(model, seq_len, repeats=30, warmup=5):
 
 def parse_list(text, kind, key):
     try:
-        return [kind(item) for item in text.split(",") if item.strip()]
+        values = [kind(item) for item in text.split(",") if item.strip()]
     except ValueError:
         raise UserError(f"--{key} expects a comma-separated list of {kind.__name__}, got {text!r}") from None
-
-
-SWEEP_KEYS = ("seq_lens", "batch_sizes", "context_lens", "split_lens")
-
-
-def parse_sweep(config):
-    """The sweep's comma-separated lists as {key: [int, ...]}, each value at least 1."""
-    sweep = {key: parse_list(getattr(config, key), int, key) for key in SWEEP_KEYS}
-    for key, values in sweep.items():
-        if any(v < 1 for v in values):
-            raise UserError(f"--{key} values must be at least 1, got {getattr(config, key)}")
-    return sweep
+    if kind is int and any(v < 1 for v in values):
+        raise UserError(f"--{key} values must be at least 1, got {text}")
+    return values
 
 
 def merged_variant(model):
@@ -406,76 +334,60 @@ def merged_variant(model):
     return reparam.reparameterize(reparam.complete_anneal(copy.deepcopy(model)))
 
 
-def build_variants(config, model_overrides, dtype, device):
-    """[(name, model, tokenization, bytes per token id or None)] for every preset, FFN type, vocabulary and checkpoint."""
+def build_variants(config, presets, model_overrides, dtype, device):
+    """
+    [(name, model, bytes of text per token id or None)]: every preset with
+    every FFN type, each followed by its merged form if it has one, then every
+    checkpoint as it is (reparam.py merges a trained one).
+    """
     variants = []
-
-    def add(name, model, tokenization, token_bytes):
-        variants.append((name, model, tokenization, token_bytes))
-        merged = merged_variant(model) if config.merged else None
-        if merged is not None:
-            variants.append((f"{name} merged", merged, tokenization, token_bytes))
-
-    tokenizations = parse_list(config.tokenizations, str, "tokenizations")
-    for tokenization in tokenizations:
-        if tokenization not in VOCAB_SIZES:
-            raise UserError(f"--tokenizations: {tokenization!r} is not one of {', '.join(VOCAB_SIZES)} "
-                            f"(pooled byte models are not benchmarked yet)")
-    for preset in parse_list(config.presets, str, "presets"):
-        for tokenization in tokenizations:
-            for ffn in parse_list(config.ffns, str, "ffns") or [None]:
-                overrides = {**model_overrides, "vocab_size": VOCAB_SIZES[tokenization]}
-                name = preset + ("" if len(tokenizations) == 1 else f"/{tokenization}")
-                if ffn:
-                    overrides["ffn"], name = ffn, f"{name}/{ffn}"
-                torch.manual_seed(config.seed)
-                model = GPT(preset_config(preset, **overrides)).eval()
-                # random weights: a byte model's bytes/s equals its tokens/s; a BPE one's would mean nothing
-                token_bytes = [1] * BYTE_VOCAB if tokenization == "bytes" else None
-                add(name, model, tokenization, token_bytes)
+    for preset in presets:
+        for ffn in parse_list(config.ffns, str, "ffns") or [None]:
+            torch.manual_seed(config.seed)
+            model = GPT(preset_config(preset, **{**model_overrides, **({"ffn": ffn} if ffn else {})})).eval()
+            # random weights: bytes/s means something for a byte model only, where it equals tokens/s
+            token_bytes = [1] * BYTE_VOCAB if model.config.vocab_size == BYTE_VOCAB else None
+            name = f"{preset}/{ffn}" if ffn else preset
+            variants.append((name, model, token_bytes))
+            if (merged := merged_variant(model)) is not None:
+                variants.append((f"{name} merged", merged, token_bytes))
     for path in parse_list(config.ckpts, str, "ckpts"):
         checkpoint = load_checkpoint(path)
+        if checkpoint["model_config"].get("embedder") == "pooled":
+            raise UserError(f"{path} is a pooled byte model: bench.py does not benchmark those yet")
         tokenization = checkpoint.get("data_meta", {}).get("tokenization", "bytes")
-        token_bytes = [len(b) for b in token_byte_table(tokenization)]
-        add(path, model_from_checkpoint(checkpoint), tokenization, token_bytes)
+        variants.append((path, model_from_checkpoint(checkpoint), [len(b) for b in token_byte_table(tokenization)]))
     if not variants:
         raise UserError("nothing to benchmark: pass --presets=NAMES or --ckpts=PATHS")
-    return [(name, model.to(device=device, dtype=dtype), tokenization, token_bytes)
-            for name, model, tokenization, token_bytes in variants]
+    return [(name, model.to(device=device, dtype=dtype), token_bytes) for name, model, token_bytes in variants]
 
 
 # ----------------------------------------------------------------------------
 # one model, every measurement
 
-def bench_model(name, model, tokenization, token_bytes, config, sweep, dtype, progress):
+def bench_model(name, model, token_bytes, config, dtype, progress):
     """Every measurement of one model, as a JSON-ready dict; MFU is added by main once the run's peak is known."""
     block_size = model.config.block_size
-    fits = lambda lengths: [n for n in lengths if n <= block_size]
-    timing = dict(repeats=config.repeats, warmup=config.warmup)
-    graphs = config.cuda_graphs
-    result = {"name": name, "tokenization": tokenization, "config": dataclasses.asdict(model.config),
-              "params": model.num_params(), "matmul_params": matmul_params(model)}
+    fits = lambda key: [n for n in parse_list(getattr(config, key), int, key) if n <= block_size]
+    timing = dict(repeats=config.repeats, warmup=config.warmup, cuda_graphs=config.cuda_graphs)
+    result = {"name": name, "config": dataclasses.asdict(model.config), "params": model.num_params(),
+              "matmul_params": matmul_params(model)}
     progress.set_description(f"{name}: prefill")
-    result["prefill"] = [{"batch_size": b, "seq_len": t, **time_prefill(model, t, b, cuda_graphs=graphs, **timing)}
-                         for b in sweep["batch_sizes"] for t in fits(sweep["seq_lens"])]
+    result["prefill"] = []
+    for t in fits("seq_lens"):
+        full = time_prefill(model, t, **timing)
+        result["prefill"].append({"seq_len": t, **full, **time_split(model, t, full["median_ms"], **timing)})
     progress.set_description(f"{name}: decode")
-    result["decode"] = [{"context_len": t, **time_decode(model, t, cuda_graphs=graphs, **timing)}
-                        for t in fits(sweep["context_lens"])]
-    progress.set_description(f"{name}: split")
-    result["split"] = [time_split(model, t, **timing) for t in fits(sweep["split_lens"])]
+    result["decode"] = [{"context_len": t, **time_decode(model, t, **timing)} for t in fits("context_lens")]
     progress.set_description(f"{name}: train")
     train_len = min(config.train_len or block_size, block_size)
-    train = time_train_step(model, config.train_batch, train_len, dtype, repeats=config.train_repeats)
-    train["flops_per_token"] = train_flops_per_token(model, train_len)
     # the matmul peak next to the training step it divides, so both see the same machine state
-    train["matmul_peak_flops"] = matmul_peak(model_device(model), dtype)
-    result["train"] = train
-    result["generation"] = []
-    if config.gen_tokens:
-        progress.set_description(f"{name}: generate")
-        for use_cache in (True, False):
-            result["generation"].append(time_generation(model, config.gen_tokens, use_cache, config.gen_repeats,
-                                                        config.seed, token_bytes))
+    result["train"] = {**time_train_step(model, config.train_batch, train_len, dtype, config.train_repeats),
+                       "flops_per_token": train_flops_per_token(model, train_len),
+                       "matmul_peak_flops": matmul_peak(next(model.parameters()).device, dtype)}
+    progress.set_description(f"{name}: generate")
+    result["generation"] = [time_generation(model, config.gen_tokens, use_cache, config.seed, token_bytes)
+                            for use_cache in (True, False) if config.gen_tokens]
     return result
 
 
@@ -483,91 +395,64 @@ def bench_model(name, model, tokenization, token_bytes, config, sweep, dtype, pr
 # reporting
 
 def environment(device, dtype):
-    threads = torch.get_num_threads() if device.type == "cpu" else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
-            "threads": threads, "cpu_count": os.cpu_count()}
+    cuda = device.type == "cuda"
+    tf32 = cuda and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else platform.machine(),
+            "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch.") + (" (TF32 matmuls)" if tf32 else ""),
+            "threads": None if cuda else torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
 
-def cell(entry):
+def cell(entries, key, value):
+    """The timing in entries whose key is value, as "median (p10-p90)"; MISSING if none is."""
+    entry = next((e for e in entries if e[key] == value), None)
     return MISSING if entry is None else f"{entry['median_ms']:.2f} ({entry['p10_ms']:.2f}-{entry['p90_ms']:.2f})"
 
 
-def markdown_tables(report, sweep):
-    """The report as markdown: latency, throughput and time split, each with the environment line."""
-    env = report["environment"]
+def markdown_tables(report):
+    """The report as markdown: latency, throughput and time split, under the environment line."""
+    env, models, config = report["environment"], report["models"], report["bench_config"]
     lines = [f"device {env['device']} ({env['device_name']}), torch {env['torch']}, {env['dtype']}, "
              f"threads {env['threads']}, matmul peak {env['matmul_peak_gflops']:.0f} GFLOP/s, "
-             f"load average {env['load_average_1min']:.1f} on {env['cpu_count']} cores at the end; "
-             f"ms as median (p10-p90); {MISSING} = longer than the model's block_size", ""]
+             f"load average {env['load_average_1min']:.1f} on {env['cpu_count']} cores at the end "
+             f"(much above the threads: other processes shared the CPU); ms as median (p10-p90)", ""]
 
-    def table(header, rows):
-        lines.extend(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
+    def table(title, header, rows):
+        lines.extend([title, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
         lines.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
         lines.append("")
 
-    models = report["models"]
-    seq_lens, context_lens = sweep["seq_lens"], sweep["context_lens"]
-    for batch in sweep["batch_sizes"]:
-        lines.append(f"Prefill latency, batch {batch} (ms; head on the last position only)")
-        find = lambda m, t: next((p for p in m["prefill"] if p["batch_size"] == batch and p["seq_len"] == t), None)
-        table(["model", "params", *[f"T={t}" for t in seq_lens]],
-              [[m["name"], f"{m['params']['total'] / 1e6:.2f}M", *[cell(find(m, t)) for t in seq_lens]] for m in models])
-    lines.append("Decode latency per token with the KV cache (ms; context = cached positions + the new token)")
-    find = lambda m, t: next((d for d in m["decode"] if d["context_len"] == t), None)
-    table(["model", *[f"ctx={t}" for t in context_lens]], [[m["name"], *[cell(find(m, t)) for t in context_lens]] for m in models])
-
-    lines.append("Throughput: a training step (forward, backward, AdamW) and generation through generate_stream")
+    seq_lens, context_lens = (parse_list(config[key], int, key) for key in ("seq_lens", "context_lens"))
+    table("Prefill latency, batch 1 (ms; head on the last position only)", ["model", "params", *[f"T={t}" for t in seq_lens]],
+          [[m["name"], f"{m['params']['total'] / 1e6:.2f}M", *[cell(m["prefill"], "seq_len", t) for t in seq_lens]]
+           for m in models])
+    table("Decode latency per token with the KV cache (ms; context = cached positions + the new token)",
+          ["model", *[f"ctx={t}" for t in context_lens]],
+          [[m["name"], *[cell(m["decode"], "context_len", t) for t in context_lens]] for m in models])
     rows = []
     for m in models:
-        train, gen = m["train"], {g["use_cache"]: g for g in m["generation"]}
-        cached, recompute = gen.get(True), gen.get(False)
+        step, gen = m["train"], {g["use_cache"]: g for g in m["generation"]}
         rate = lambda g, key="tokens_per_s": MISSING if g is None or g[key] is None else f"{g[key]:,.0f}"
-        speedup = f"{cached['tokens_per_s'] / recompute['tokens_per_s']:.1f}x" if cached and recompute else MISSING
-        rows.append([m["name"], f"{train['batch_size']}x{train['seq_len']}", f"{train['tokens_per_s']:,.0f}",
-                     f"{train['flops_per_token'] / 1e6:.1f}M", f"{100 * train['mfu']:.1f}%",
-                     rate(cached), rate(recompute), speedup, rate(cached, "bytes_per_s")])
-    table(["model", "train batch", "train tok/s", "FLOPs/token", "MFU", "gen tok/s (cache)",
-           "gen tok/s (no cache)", "speedup", "gen bytes/s (cache)"], rows)
-
-    lines.append("Where prefill time goes (batch 1; shares from module hooks; last column: 1 - t(no FFN) / t)")
-    categories = ("embedding", "attention", "ffn", "norm", "head", "other")
-    rows = [[m["name"], s["seq_len"], f"{s['prefill_ms']:.2f}", *[f"{100 * s['shares'].get(c, 0):.0f}%" for c in categories],
-             f"{100 * s['ffn_share_removed']:.0f}%"] for m in models for s in m["split"]]
-    table(["model", "T", "ms", *categories, "FFN (removed)"], rows)
+        speedup = f"{gen[True]['tokens_per_s'] / gen[False]['tokens_per_s']:.1f}x" if gen else MISSING
+        rows.append([m["name"], f"{step['batch_size']}x{step['seq_len']}", f"{step['tokens_per_s']:,.0f}",
+                     f"{step['flops_per_token'] / 1e6:.1f}M", f"{100 * step['mfu']:.1f}%",
+                     rate(gen.get(True)), rate(gen.get(False)), speedup, rate(gen.get(True), "bytes_per_s")])
+    table("Throughput: a training step (forward, backward, AdamW); generation through generate_stream "
+          "(no cache: nanoGPT's window of block_size tokens recomputed for every token)",
+          ["model", "train batch", "train tok/s", "FLOPs/token", "MFU", "gen tok/s (cache)", "gen tok/s (no cache)",
+           "speedup", "gen bytes/s (cache)"], rows)
+    rows = []
+    for m in models:
+        for p in m["prefill"]:
+            hooked = p["module_ms"] and sum(p["module_ms"].values())
+            share = lambda c: MISSING if not hooked else f"{100 * p['module_ms'].get(c, 0) / hooked:.0f}%"
+            rows.append([m["name"], p["seq_len"], f"{p['median_ms']:.2f}", *map(share, SPLIT_CATEGORIES),
+                         f"{100 * p['ffn_share_removed']:.0f}%"])
+    table("Where prefill time goes (shares of the time inside modules, from hooks, CPU only; "
+          "last column: 1 - t(no FFN) / t)", ["model", "T", "ms", *SPLIT_CATEGORIES, "FFN (removed)"], rows)
     return "\n".join(lines)
 
 
-def plot(report, path):
-    """Prefill latency against sequence length, one line per model; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in report["models"]:
-        points = [(p["seq_len"], p["median_ms"]) for p in m["prefill"] if p["batch_size"] == 1]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=m["name"])
-    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="prefill latency, batch 1 (ms)",
-           title=f"{report['environment']['device']}, {report['environment']['dtype']}")
-    ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={name} but torch sees no CUDA GPU: use --device=cpu")
-    return torch.device(name)
-
 
 def main(argv=None):
     config, model_args = BenchConfig(), GPTConfig()
@@ -576,38 +461,37 @@ def main(argv=None):
     model_overrides = {k: v for k, v in assigned.items() if k in model_keys}
     if config.dtype not in DTYPES:
         raise UserError(f"--dtype={config.dtype} is not one of {', '.join(DTYPES)}")
-    dtype, device = DTYPES[config.dtype], pick_device(config.device)
+    dtype = DTYPES[config.dtype]
+    device = torch.device(config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={config.device} but torch sees no CUDA GPU: use --device=cpu")
     if config.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda_graphs needs --device=cuda")
-    if device.type == "cpu":
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py trains: float32 matmuls in TF32
+        torch.backends.cudnn.allow_tf32 = True
+    else:
         torch.set_num_threads(config.threads or os.cpu_count())
-        if os.getloadavg()[0] > BUSY_LOAD:
-            # threads waiting on a descheduled sibling make small ops 10-100x slower: the numbers would be noise
-            print(f"warning: load average {os.getloadavg()[0]:.1f}: other processes are using the CPU, "
-                  f"timings will be noisy (run under flock or on an idle machine)", file=sys.stderr)
-    sweep = parse_sweep(config)
-    torch.manual_seed(config.seed)
-    variants = build_variants(config, model_overrides, dtype, device)
+    # checkpoints alone when only they are named: `--ckpts=a,b` compares a and b
+    presets = parse_list(config.presets, str, "presets") if "presets" in assigned or not config.ckpts else []
+    variants = build_variants(config, presets, model_overrides, dtype, device)
     report = {"environment": environment(device, dtype), "bench_config": dataclasses.asdict(config), "models": []}
     t0 = time.perf_counter()
     progress = tqdm(variants, unit="model", dynamic_ncols=True, file=sys.stderr)
-    for name, model, tokenization, token_bytes in progress:
-        report["models"].append(bench_model(name, model, tokenization, token_bytes, config, sweep, dtype, progress))
+    for name, model, token_bytes in progress:
+        report["models"].append(bench_model(name, model, token_bytes, config, dtype, progress))
     report["seconds"] = time.perf_counter() - t0
     # a peak is a maximum: another process can only lower a measurement of it, so the run's best one is the denominator
     peak = max(m["train"]["matmul_peak_flops"] for m in report["models"])
     report["environment"]["matmul_peak_gflops"] = peak / 1e9
     for m in report["models"]:
         m["train"]["mfu"] = m["train"]["tokens_per_s"] * m["train"]["flops_per_token"] / peak
-    # this run's own threads make about `threads` of it: much more means other processes shared the CPU (noise)
     report["environment"]["load_average_1min"] = os.getloadavg()[0]
-    print(markdown_tables(report, sweep))
+    print(markdown_tables(report))
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    png = plot(report, out.with_suffix(".png"))
-    print(f"wrote {out}" + (f" and {png}" if png else " (pip install matplotlib for a plot)")
-          + f"; measured in {report['seconds']:.0f} s")
+    print(f"wrote {out}; measured in {report['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ Merge math runs in float64, so the merged weights are the training form's
 function rounded once to the model's dtype.
 
     python reparam.py --ckpt=out/ckpt.pt      # merge, verify, save out/ckpt_merged.pt
-    python bench.py --ckpts=out/ckpt.pt,out/ckpt_merged.pt --merged=False   # time both side by side
+    python bench.py --ckpts=out/ckpt.pt,out/ckpt_merged.pt   # time both side by side
 
 The merged checkpoint loads like any other (sample.py, bench.py): its config
 says `ffn_merged=True`, and model.py builds the inference modules from here.
@@ -411,7 +411,7 @@ def main(argv=None):
         counts = m.num_params()
         gflops = forward_flops(m, m.config.block_size) / 1e9
         print(f"{name:<10} {counts['total']:>12,} {counts['core']:>10,} {gflops:>14.4f}")
-    print(f"time both, side by side: python bench.py --ckpts={ckpt},{out} --merged=False")
+    print(f"time both, side by side: python bench.py --ckpts={ckpt},{out}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from cli import UserError
 from model import GPT, GPTConfig, preset_config, save_checkpoint
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
+SLEEP_S = 0.01
 
 
 def tiny_model(**overrides):
@@ -74,38 +76,47 @@ def test_matmul_params_count_every_multiply_a_forward_pass_does(overrides):
     assert bench.matmul_params(model) == sum(counted)
 
 
-def test_ffn_removed_is_the_identity_inside_and_restores_the_model():
-    model = tiny_model()
-    x = torch.randint(0, 256, (1, 8))
-    before = model(x)[0]
-    with bench.ffn_removed(model):
-        assert all(isinstance(block.mlp, nn.Identity) for block in model.h)
-        assert not torch.allclose(model(x)[0], before)
-    torch.testing.assert_close(model(x)[0], before, rtol=0, atol=0)
+class Sleep(nn.Module):
+    """An FFN that does nothing but take a known time."""
+
+    def forward(self, x):
+        time.sleep(SLEEP_S)
+        return x
 
 
-def test_time_split_shares_sum_to_one_and_hooks_are_removed():
-    model = tiny_model(share_ffn=True, block_repeat=2)
-    split = bench.time_split(model, seq_len=8, repeats=3, warmup=1)
-    assert set(split["shares"]) == {"embedding", "attention", "ffn", "norm", "head", "other"}
-    assert sum(split["shares"].values()) == pytest.approx(1.0)
-    assert all(share >= 0 for share in split["shares"].values())
-    assert split["without_ffn_ms"] > 0 and split["ffn_share_removed"] < 1
+@pytest.mark.parametrize("shape", [dict(), dict(share_ffn=True, block_repeat=3)])
+def test_time_split_attributes_a_known_time_to_the_ffn_and_leaves_the_model_as_it_was(shape):
+    model = tiny_model(**shape)
+    sleep = Sleep()  # one module for every block: a shared FFN is hooked once and timed at every call
+    for block in model.h:
+        block.mlp = sleep
+    calls = TINY["n_layer"] * model.config.block_repeat
+    prefill_ms = bench.time_prefill(model, 8, repeats=3, warmup=1)["median_ms"]
+    split = bench.time_split(model, 8, prefill_ms, repeats=3, warmup=1)
+    ms = split["module_ms"]
+    assert ms["ffn"] >= 1000 * SLEEP_S * calls  # per prefill
+    assert ms["attention"] + ms["norm"] + ms["embedding"] + ms["head"] < 1000 * SLEEP_S  # not counted elsewhere
+    assert prefill_ms >= 1000 * SLEEP_S * calls and split["ffn_share_removed"] > 0.5
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert all(block.mlp is sleep for block in model.h)  # every FFN back in place
 
 
-def test_module_timer_times_every_call_of_a_shared_module():
-    model = tiny_model(share_ffn=True, block_repeat=3)
-    timer = bench.ModuleTimer(model)
-    with torch.inference_mode():
-        model(torch.zeros((1, 4), dtype=torch.long))
-    timer.remove()
-    ffn_calls = [span for span in timer.spans if span[0] == "ffn"]
-    assert len(ffn_calls) == TINY["n_layer"] * 3
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_runs_the_work_it_claims(use_cache):
+    model = tiny_model()
+    block_size, n_tokens = TINY["block_size"], 20
+    seen = []  # tokens each step runs through the model
+    model.h[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].size(1)))
+    bench.time_generation(model, n_tokens, use_cache)
+    timed = seen[-n_tokens:]  # the timed run, after the warm-up
+    if use_cache:  # one new token a step, but for the refill from half a window once the context is full
+        assert timed.count(1) >= n_tokens - 2 and max(timed) < block_size
+    else:  # nanoGPT's sample.py: the last block_size tokens recomputed every step
+        assert timed == [min(step, block_size) for step in range(1, n_tokens + 1)]
 
 
 def test_generation_counts_tokens_and_bytes():
-    result = bench.time_generation(tiny_model(), n_tokens=20, use_cache=True, repeats=1, token_bytes=[2] * 256)
+    result = bench.time_generation(tiny_model(), n_tokens=20, use_cache=True, token_bytes=[2] * 256)
     assert result["tokens_per_s"] > 0
     assert result["bytes_per_s"] == pytest.approx(2 * result["tokens_per_s"])
 
@@ -125,9 +136,9 @@ def test_merged_variant_computes_what_the_training_form_computes(ffn):
 def test_tiny_sweep_writes_markdown_and_the_documented_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--presets=cpu-tiny", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16",
-                "--seq_lens=1,8,32", "--batch_sizes=1,2", "--context_lens=1,16", "--split_lens=8",
+                "--seq_lens=1,8,32", "--context_lens=1,16",
                 "--repeats=2", "--warmup=1", "--train_repeats=1", "--train_batch=2", "--gen_tokens=20",
-                "--gen_repeats=1", "--threads=1", f"--out={out}"])
+                "--threads=1", f"--out={out}"])
     text = capsys.readouterr().out
     assert "| cpu-tiny |" in text and "threads 1" in text and f"torch {torch.__version__}" in text
     report = json.loads(out.read_text())
@@ -136,7 +147,7 @@ def test_tiny_sweep_writes_markdown_and_the_documented_json(tmp_path, capsys):
     (m,) = report["models"]
     assert m["name"] == "cpu-tiny" and m["config"]["n_layer"] == 1
     # T=32 exceeds block_size 16: skipped, shown as "-"
-    assert [(p["batch_size"], p["seq_len"]) for p in m["prefill"]] == [(1, 1), (1, 8), (2, 1), (2, 8)]
+    assert [p["seq_len"] for p in m["prefill"]] == [1, 8]
     assert "| - |" in text
     assert [d["context_len"] for d in m["decode"]] == [1, 16]
     assert all(entry["median_ms"] > 0 for entry in m["prefill"] + m["decode"])
@@ -145,39 +156,54 @@ def test_tiny_sweep_writes_markdown_and_the_documented_json(tmp_path, capsys):
     assert train["mfu"] == pytest.approx(train["tokens_per_s"] * train["flops_per_token"] / (env["matmul_peak_gflops"] * 1e9))
     assert train["matmul_peak_flops"] <= env["matmul_peak_gflops"] * 1e9
     assert [g["use_cache"] for g in m["generation"]] == [True, False]
-    assert m["split"][0]["seq_len"] == 8 and "ffn_share_removed" in m["split"][0]
+    assert all(0 < p["without_ffn_ms"] and set(p["module_ms"]) == set(bench.SPLIT_CATEGORIES) for p in m["prefill"])
 
 
-def test_a_checkpoint_is_benchmarked_with_bytes_per_second_from_its_tokenization(tmp_path, capsys):
-    model = tiny_model()
-    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                     "data_meta": {"tokenization": "bytes"}}, tmp_path / "ckpt.pt")
+def test_checkpoints_alone_are_benchmarked_side_by_side_with_bytes_per_second(tmp_path):
+    # what reparam.py tells its user to run: the original and the merged checkpoint, nothing else
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for path, ffn in zip(paths, ("rep_linear", "gelu")):
+        model = tiny_model(ffn=ffn)
+        save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                         "data_meta": {"tokenization": "bytes"}}, path)
     out = tmp_path / "bench.json"
-    bench.main([f"--ckpts={tmp_path / 'ckpt.pt'}", "--presets=", "--seq_lens=4", "--context_lens=4", "--split_lens=4",
-                "--repeats=1", "--warmup=0", "--train_repeats=1", "--train_batch=1", "--gen_tokens=8",
-                "--gen_repeats=1", "--threads=1", f"--out={out}"])
-    (m,) = json.loads(out.read_text())["models"]
-    assert m["name"].endswith("ckpt.pt") and m["config"] == dataclasses.asdict(model.config)
-    cached = m["generation"][0]
+    bench.main([f"--ckpts={paths[0]},{paths[1]}", "--seq_lens=4", "--context_lens=4", "--repeats=1", "--warmup=0", "--train_repeats=1", "--train_batch=1", "--gen_tokens=8",
+                "--threads=1", f"--out={out}"])
+    models = json.loads(out.read_text())["models"]
+    assert [m["name"] for m in models] == [str(p) for p in paths]  # no presets, no merged variant
+    assert models[0]["config"]["ffn"] == "rep_linear" and models[1]["config"] == dataclasses.asdict(model.config)
+    cached = models[1]["generation"][0]
     assert cached["bytes_per_s"] == pytest.approx(cached["tokens_per_s"])  # one byte per byte token
 
 
-def test_bad_options_are_one_line_errors():
+def test_bad_options_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="did you mean --seq_lens"):
         bench.main(["--seq_len=4"])
     with pytest.raises(UserError, match="dtype"):
         bench.main(["--dtype=int8"])
-    with pytest.raises(UserError, match="pooled"):
-        bench.main(["--tokenizations=pooled"])
     with pytest.raises(UserError, match="comma-separated list of int"):
         bench.main(["--seq_lens=1,x"])
     with pytest.raises(UserError, match="at least 1"):
         bench.main(["--context_lens=0,4"])
+    pooled = tiny_model(embedder="pooled")
+    save_checkpoint({"model": pooled.state_dict(), "model_config": dataclasses.asdict(pooled.config)}, tmp_path / "p.pt")
+    with pytest.raises(UserError, match="pooled byte model"):
+        bench.main([f"--ckpts={tmp_path / 'p.pt'}"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the CUDA events and graphs path needs one")
-def test_cuda_prefill_and_decode_with_and_without_graphs():
-    model = tiny_model().to("cuda")
-    for graphs in (False, True):
-        assert bench.time_prefill(model, 8, repeats=3, warmup=1, cuda_graphs=graphs)["median_ms"] > 0
-        assert bench.time_decode(model, 8, repeats=3, warmup=1, cuda_graphs=graphs)["median_ms"] > 0
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_cuda_prefill_and_decode_compute_the_models_logits(monkeypatch, cuda_graphs):
+    # the timed call, eager or replayed from a CUDA graph, gives the logits of a full forward pass
+    model = tiny_model(pos="rope").to("cuda")
+    timed = []
+    monkeypatch.setattr(bench, "time_fn", lambda fn, *args, **kwargs: timed.append(fn) or {})
+    for time_it in (bench.time_prefill, bench.time_decode):
+        torch.manual_seed(3)
+        time_it(model, 8, cuda_graphs=cuda_graphs)
+        torch.manual_seed(3)
+        prompt = torch.randint(0, model.config.vocab_size, (1, 8), device="cuda")  # the same draw
+        with torch.inference_mode():
+            reference = model(prompt)[0][:, -1]
+            for _ in range(2):  # a replay rewrites its output in place: the same logits every call
+                torch.testing.assert_close(timed[-1]().clone(), reference, rtol=1e-4, atol=1e-4)
