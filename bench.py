@@ -340,26 +340,27 @@ def build_variants(config, presets, model_overrides, dtype, device):
     every FFN type, each followed by its merged form if it has one, then every
     checkpoint as it is (reparam.py merges a trained one).
     """
-    variants = []
+    variants = []  # (name, model, tokenization or None)
     for preset in presets:
         for ffn in parse_list(config.ffns, str, "ffns") or [None]:
             torch.manual_seed(config.seed)
             model = GPT(preset_config(preset, **{**model_overrides, **({"ffn": ffn} if ffn else {})})).eval()
             # random weights: bytes/s means something for a byte model only, where it equals tokens/s
-            token_bytes = [1] * BYTE_VOCAB if model.config.vocab_size == BYTE_VOCAB else None
+            tokenization = "bytes" if model.config.vocab_size == BYTE_VOCAB else None
             name = f"{preset}/{ffn}" if ffn else preset
-            variants.append((name, model, token_bytes))
+            variants.append((name, model, tokenization))
             if (merged := merged_variant(model)) is not None:
-                variants.append((f"{name} merged", merged, token_bytes))
+                variants.append((f"{name} merged", merged, tokenization))
     for path in parse_list(config.ckpts, str, "ckpts"):
         checkpoint = load_checkpoint(path)
-        if checkpoint["model_config"].get("embedder") == "pooled":
-            raise UserError(f"{path} is a pooled byte model: bench.py does not benchmark those yet")
-        tokenization = checkpoint.get("data_meta", {}).get("tokenization", "bytes")
-        variants.append((path, model_from_checkpoint(checkpoint), [len(b) for b in token_byte_table(tokenization)]))
+        variants.append((path, model_from_checkpoint(checkpoint), checkpoint.get("data_meta", {}).get("tokenization", "bytes")))
     if not variants:
         raise UserError("nothing to benchmark: pass --presets=NAMES or --ckpts=PATHS")
-    return [(name, model.to(device=device, dtype=dtype), token_bytes) for name, model, token_bytes in variants]
+    for name, model, _ in variants:
+        if model.config.embedder == "pooled":
+            raise UserError(f"{name} is a pooled byte model: bench.py does not benchmark those yet")
+    return [(name, model.to(device=device, dtype=dtype), tokenization and [len(b) for b in token_byte_table(tokenization)])
+            for name, model, tokenization in variants]
 
 
 # ----------------------------------------------------------------------------

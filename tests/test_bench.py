@@ -187,8 +187,10 @@ def test_bad_options_are_one_line_errors(tmp_path):
         bench.main(["--context_lens=0,4"])
     pooled = tiny_model(embedder="pooled")
     save_checkpoint({"model": pooled.state_dict(), "model_config": dataclasses.asdict(pooled.config)}, tmp_path / "p.pt")
-    with pytest.raises(UserError, match="pooled byte model"):
+    with pytest.raises(UserError, match="p.pt is a pooled byte model"):
         bench.main([f"--ckpts={tmp_path / 'p.pt'}"])
+    with pytest.raises(UserError, match="cpu-tiny is a pooled byte model"):
+        bench.main(["--presets=cpu-tiny", "--embedder=pooled"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the CUDA events and graphs path needs one")
