@@ -46,8 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from byte_tokenizer import BYTE_VALUES, PAD
 from cli import UserError, parse_config, run
+from tokenizer import BYTE_VOCAB, PAD
 
 FFN_TYPES = ("linear", "rep_linear", "rep_parallel", "rep_anneal")  # the FFNs this file builds for model.py
 MERGEABLE = ("rep_linear", "rep_parallel", "rep_anneal")  # those with a training form to merge
@@ -342,7 +342,7 @@ def random_inputs(config, batch, seq_len, generator):
     if config.embedder != "pooled":
         return torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
     width = config.max_chunk_bytes
-    values = torch.randint(0, BYTE_VALUES, (batch, seq_len, width), generator=generator)
+    values = torch.randint(0, BYTE_VOCAB, (batch, seq_len, width), generator=generator)
     lengths = torch.randint(1, width + 1, (batch, seq_len, 1), generator=generator)
     return values.masked_fill(torch.arange(width) >= lengths, PAD)
 
