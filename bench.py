@@ -157,9 +157,8 @@ def time_prefill(model, seq_len, repeats=30, warmup=5, cuda_graphs=False):
 
 def time_decode(model, context_len, repeats=30, warmup=5, cuda_graphs=False):
     """
-    Latency of one cached decode step whose new token attends to context_len
-    positions: context_len - 1 in the KV cache, plus itself. The cache is
-    rewound before every call, so each call decodes the same position.
+    One cached decode step whose new token attends to context_len positions (context_len - 1
+    cached, plus itself); the cache is rewound before every call, so each decodes the same position.
     """
     config, device = model.config, next(model.parameters()).device
     with torch.inference_mode():
@@ -211,11 +210,9 @@ def matmul_params(model):
 
 def train_flops_per_token(model, seq_len):
     """
-    Training FLOPs per token, PaLM's formula (Chowdhery et al. 2022,
-    appendix B; nanoGPT's estimate_mfu): 6N for the weights (2 FLOPs per
-    multiply-add forward, twice that backward) plus 12 * layers * width * T
-    for attention's two T-long matmuls (QK^T and AV), counted as PaLM does,
-    without halving for the causal mask.
+    Training FLOPs per token, PaLM's formula (Chowdhery et al. 2022, appendix B; nanoGPT's
+    estimate_mfu): 6N for the weights (2 FLOPs per multiply-add forward, twice that backward)
+    plus 12 * layers * width * T for attention's QK^T and AV, not halved for the causal mask.
     """
     config = model.config
     applications = config.n_layer * config.block_repeat
@@ -287,9 +284,8 @@ def module_timer(model):
 
 def time_split(model, seq_len, prefill_ms, repeats=30, warmup=5, cuda_graphs=False):
     """
-    Where batch-1 prefill time goes: the FFN's share, 1 - t(without FFN) / t,
-    and on a CPU the ms per prefill inside each category of module ("other":
-    the rest of the hooked prefill's time, the glue between modules and the hooks).
+    Where batch-1 prefill time goes: the FFN's share, 1 - t(without FFN) / t, and on a CPU the ms
+    inside each category of module ("other": the rest, glue between modules and the hooks).
     """
     ffns = [block.mlp for block in model.h]
     try:
@@ -336,9 +332,8 @@ def merged_variant(model):
 
 def build_variants(config, presets, model_overrides, dtype, device):
     """
-    [(name, model, bytes of text per token id or None)]: every preset with
-    every FFN type, each followed by its merged form if it has one, then every
-    checkpoint as it is (reparam.py merges a trained one).
+    [(name, model, bytes of text per token id or None)]: every preset with every FFN type, a rep_*
+    one followed by its merged form, then every checkpoint as it is (reparam.py merges a trained one).
     """
     variants = []  # (name, model, tokenization or None)
     for preset in presets:
@@ -353,14 +348,15 @@ def build_variants(config, presets, model_overrides, dtype, device):
                 variants.append((f"{name} merged", merged, tokenization))
     for path in parse_list(config.ckpts, str, "ckpts"):
         checkpoint = load_checkpoint(path)
-        variants.append((path, model_from_checkpoint(checkpoint), checkpoint.get("data_meta", {}).get("tokenization", "bytes")))
+        tokenization = checkpoint.get("data_meta", {}).get("tokenization", "bytes")
+        variants.append((path, model_from_checkpoint(checkpoint), tokenization))
     if not variants:
         raise UserError("nothing to benchmark: pass --presets=NAMES or --ckpts=PATHS")
     for name, model, _ in variants:
         if model.config.embedder == "pooled":
             raise UserError(f"{name} is a pooled byte model: bench.py does not benchmark those yet")
-    return [(name, model.to(device=device, dtype=dtype), tokenization and [len(b) for b in token_byte_table(tokenization)])
-            for name, model, tokenization in variants]
+    bytes_per_token = lambda tokenization: tokenization and [len(b) for b in token_byte_table(tokenization)]
+    return [(name, model.to(device=device, dtype=dtype), bytes_per_token(tokenization)) for name, model, tokenization in variants]
 
 
 # ----------------------------------------------------------------------------
@@ -404,7 +400,6 @@ def environment(device, dtype):
 
 
 def cell(entries, key, value):
-    """The timing in entries whose key is value, as "median (p10-p90)"; MISSING if none is."""
     entry = next((e for e in entries if e[key] == value), None)
     return MISSING if entry is None else f"{entry['median_ms']:.2f} ({entry['p10_ms']:.2f}-{entry['p90_ms']:.2f})"
 
