@@ -26,8 +26,8 @@ For every model:
 Latencies are medians (with p10/p90) of many calls after warm-up calls, on a
 fixed thread count; on CUDA float32 multiplies in TF32, as train.py trains.
 Tables name the device, torch version, dtype, threads and load average, and
-every number also goes to a JSON file. The default run takes about 40 s with
---threads=1 on an idle core, most of it stlm-10m generating without the cache.
+every number also goes to a JSON file. Most of the default run is stlm-10m
+generating without the cache (each of 200 tokens a forward pass over all so far).
 Pooled byte models (embedder="pooled") are not benchmarked yet.
 """
 
