@@ -57,6 +57,7 @@ from model import (HF_PREFIX, GPTConfig, _gpt2_encoding, encode_text, load_check
 LOGIT_TOLERANCE = 1e-5  # max |logit difference| between the exported model and ours
 GENERATE_TOKENS = 32  # greedy tokens compared (fewer when the context is shorter)
 SAMPLE_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak. Naïve café, 東京 🙂 <|endoftext|>\n"
+NEWLINE = "\n"  # the exported tokenizer's bos_token (see write_tokenizer)
 PARTIAL_SUFFIX = ".partial"  # out/hf is written as out/hf.partial, then renamed
 EXTRAS = "pip install -r requirements-extra.txt"
 
@@ -276,14 +277,16 @@ def write_tokenizer(tokenization, folder):
     if tokenization.startswith(HF_PREFIX):
         load_hf_tokenizer(tokenization[len(HF_PREFIX):]).save_pretrained(folder)
         return
-    if tokenization == "bytes":
-        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer())
-    elif tokenization == "bpe":
-        # split_special_tokens: a literal "<|endoftext|>" in text is text, as tiktoken's encode_ordinary has it
-        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=gpt2_tokenizer(folder),
-                                                         eos_token="<|endoftext|>", split_special_tokens=True)
-    else:
+    if tokenization not in ("bytes", "bpe"):
         raise UserError(f"tokenization {tokenization!r} has no exported tokenizer")
+    tokenizer = byte_tokenizer() if tokenization == "bytes" else gpt2_tokenizer(folder)
+    special = {"eos_token": "<|endoftext|>"} if tokenization == "bpe" else {}
+    # bos_token is the newline's piece: evaluate.py scores a text with no context after a newline, and so does
+    # lm-eval's hf model when it prefixes bos. split_special_tokens: special tokens' text in a string is
+    # tokenized like any text (a literal "<|endoftext|>" too, as tiktoken's encode_ordinary has it)
+    newline = tokenizer.id_to_token(tokenizer.encode(NEWLINE, add_special_tokens=False).ids[0])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=newline,
+                                                     split_special_tokens=True, **special)
     tokenizer.save_pretrained(folder)
 
 

@@ -82,7 +82,7 @@ def test_byte_tokenizer_round_trip(tmp_path):
     export.export(lively_model(), "bytes", tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert len(tokenizer) == 256
-    text = "Naïve café, 東京 🙂 <|endoftext|>\n\t\x00 end"
+    text = "Naïve café, 東京 🙂 <|endoftext|>\n\t\x00 end Ċ"  # Ċ: the newline's piece, the bos_token, is text here
     assert tokenizer.encode(text, add_special_tokens=False) == list(text.encode("utf-8"))
     assert tokenizer.decode(list(text.encode("utf-8"))) == text
     # any bytes, invalid UTF-8 included: the ids' pieces give the bytes back exactly, and decode() replaces what
@@ -99,7 +99,7 @@ def test_bpe_tokenizer_matches_tiktoken(tmp_path):
     model = lively_model(vocab_size=50257)
     export.export(model, "bpe", tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    text = "First Citizen:\n  Before we proceed... it's 1234 naïve 🙂 <|endoftext|> x\n\n"
+    text = "First Citizen:\n  Before we proceed... it's 1234 naïve 🙂 <|endoftext|> x\n\nĊ"
     assert tokenizer.encode(text, add_special_tokens=False) == _gpt2_encoding().encode_ordinary(text)
     assert tokenizer.decode(_gpt2_encoding().encode_ordinary(text)) == text
 

@@ -1,0 +1,207 @@
+"""
+evaluate.py: bits per byte through train.evaluate, and the lm-evaluation-harness model.
+
+The adapter's log-likelihoods are compared with references written here from
+the model's plain forward pass; accuracy is checked on small local tasks run
+through lm-eval itself (a YAML with dataset_path: json, no network), built so
+that the right answer is known: the choice the reference scores highest, so
+a sign error (STLM's own wrapper picked the least likely answer) scores 0%.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import byte_tokenizer
+import evaluate
+import train
+from model import GPT, GPTConfig, save_checkpoint
+
+POOLED_META = {"tokenization": "pooled", "segmenter": "space", "max_chunk_bytes": 8, "fixed_chunk_bytes": 4}
+BLOCK = 24
+
+
+def lively(config):
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def byte_model():
+    torch.manual_seed(1)
+    return lively(GPTConfig(block_size=BLOCK, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
+
+
+@pytest.fixture(scope="module")
+def pooled_model():
+    torch.manual_seed(2)
+    return lively(GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, embedder="pooled", max_chunk_bytes=8,
+                            byte_width=16, byte_heads=2))
+
+
+def reference_byte_logp(model, context, continuation):
+    """
+    log p(continuation | context) for a byte model: log-softmax at each position, summed by hand. As lm-eval's
+    Hugging Face model does, a context's trailing spaces are moved to the continuation.
+    """
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    ids = list((context or "\n").encode()) + list(continuation.encode())
+    n_context = len((context or "\n").encode())
+    ids = ids[-(model.config.block_size + 1):]  # what fits: the context is cut from the left
+    n_context -= len(list((context or "\n").encode()) + list(continuation.encode())) - len(ids)
+    with torch.no_grad():
+        logp = model(torch.tensor([ids[:-1]]))[0][0].log_softmax(-1)
+    return sum(logp[i - 1, ids[i]].item() for i in range(n_context, len(ids)))
+
+
+def reference_text_logp(model, text):
+    """log p(text) for a pooled model: GPT.forward's nats over the text's chunks after a newline chunk."""
+    segmenter = byte_tokenizer.Segmenter.from_meta(POOLED_META)
+    chunks = torch.tensor(byte_tokenizer.pad_chunks(segmenter.split("\n") + segmenter.split(text), 8), dtype=torch.long)
+    with torch.no_grad():
+        _, nats = model(chunks[None, :-1], chunks[None, 1:], reduction="sum")
+    return -nats.item()
+
+
+CASES = [("To be, or not", " to be"), ("", "Hello"), ("Whether 'tis nobler in the mind to suffer", " the slings"),
+         ("ab ", "cd"), ("naïve ", "café 🙂")]
+
+
+@pytest.mark.parametrize("context, continuation", CASES)
+def test_byte_loglikelihood_equals_the_forward_pass(byte_model, context, continuation):
+    lm = evaluate.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
+    logp, greedy = lm.loglikelihood_one(context, continuation)
+    assert logp == pytest.approx(reference_byte_logp(byte_model, context, continuation), abs=1e-4)
+    assert logp < 0 and greedy in (True, False)
+
+
+def test_long_continuations_are_scored_in_windows_like_train_evaluate(byte_model):
+    text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(3 * BLOCK + 5))
+    lm = evaluate.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
+    # train.evaluate over the same units, laid out as consecutive windows, gives the same total nats
+    ids = np.array(list(("\n" + text).encode()), dtype=np.int64)
+    n = (len(ids) - 1) // BLOCK * BLOCK + 1
+    expected = train.evaluate(byte_model, ids[:n], torch.ones(256, dtype=torch.long), BLOCK)["val_loss"] * (n - 1)
+    units = torch.tensor(ids[:n])
+    assert lm.score(units, 1)[0] == pytest.approx(-expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("context, continuation", CASES)
+def test_pooled_loglikelihood_is_a_difference_of_text_probabilities(pooled_model, context, continuation):
+    lm = evaluate.StlmLM(model=pooled_model, meta=POOLED_META)
+    logp, _ = lm.loglikelihood_one(context, continuation)
+    expected = reference_text_logp(pooled_model, context + continuation)
+    if context:
+        expected -= reference_text_logp(pooled_model, context)
+    assert logp == pytest.approx(expected, abs=1e-4)
+    assert lm.text_logp(context + continuation) == pytest.approx(reference_text_logp(pooled_model, context + continuation),
+                                                                 abs=1e-4)
+
+
+def test_generate_until_is_greedy_and_stops(byte_model):
+    lm = evaluate.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
+    prompt = torch.tensor([list(b"To be")])
+    greedy = bytes(byte_model.generate(prompt, 10, temperature=0)[0, 5:].tolist()).decode("utf-8", errors="replace")
+    assert lm.generate_one("To be", {"until": [], "max_gen_toks": 10}) == greedy
+    stop = greedy[3:5]
+    assert lm.generate_one("To be", {"until": [stop], "max_gen_toks": 10}) == greedy.split(stop)[0]
+
+
+def test_lm_eval_hf_model_on_the_export_gives_the_same_numbers(tmp_path, byte_model):
+    """`lm_eval --model hf --model_args pretrained=out/hf` on an exported model scores as this adapter does."""
+    pytest.importorskip("lm_eval.models.huggingface", reason="lm-eval[hf] is not installed (requirements-extra.txt)")
+    export = pytest.importorskip("export")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    export.export(byte_model, "bytes", tmp_path / "hf")
+    requests = [Instance("loglikelihood", {}, case, i) for i, case in enumerate(CASES)]
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=1).loglikelihood(requests)
+    ours = evaluate.StlmLM(model=byte_model, meta={"tokenization": "bytes"}).loglikelihood(requests)
+    for (their_logp, their_greedy), (our_logp, our_greedy) in zip(theirs, ours):
+        assert their_logp == pytest.approx(our_logp, abs=1e-4) and their_greedy == our_greedy
+
+
+def write_task(folder, name, docs):
+    """A local multiple-choice task: JSONL documents and a task YAML pointing at them."""
+    with open(folder / f"{name}.jsonl", "w") as f:
+        for doc in docs:
+            f.write(json.dumps(doc) + "\n")
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.jsonl\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{label}}'\n"
+        "doc_to_choice: '{{choices}}'\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+
+
+CONTEXTS = ["To be, or not to be", "Now is the winter of", "Friends, Romans, countrymen", "If music be the food",
+            "All the world's a stage", "O Romeo, Romeo"]
+CHOICES = [" that", " this", " the", " love"]
+
+
+@pytest.mark.parametrize("which", ["bytes", "pooled"])
+def test_lm_eval_picks_the_most_likely_choice(tmp_path, byte_model, pooled_model, which):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (requirements-extra.txt)")
+    if which == "bytes":
+        model, meta = byte_model, {"tokenization": "bytes"}
+        reference = lambda c, x: reference_byte_logp(byte_model, c, x)  # noqa: E731
+    else:
+        model, meta = pooled_model, POOLED_META
+        reference = lambda c, x: reference_text_logp(pooled_model, c + x) - reference_text_logp(pooled_model, c)  # noqa: E731
+    best, worst = [], []
+    for context in CONTEXTS:
+        scores = [reference(context, choice) for choice in CHOICES]
+        assert max(scores) - sorted(scores)[-2] > 1e-3  # a clear winner: ties would make the task ambiguous
+        best.append({"context": context, "choices": CHOICES, "label": int(np.argmax(scores))})
+        worst.append({"context": context, "choices": CHOICES, "label": int(np.argmin(scores))})
+    write_task(tmp_path, "forced_best", best)
+    write_task(tmp_path, "forced_worst", worst)
+    lm = evaluate.StlmLM(model=model, meta=meta)
+    results = evaluate.run_tasks(lm, ["forced_best", "forced_worst"], str(tmp_path))
+    assert results["forced_best"]["acc,none"] == 1.0
+    assert results["forced_worst"]["acc,none"] == 0.0  # the least likely answer is never picked
+
+
+@pytest.fixture
+def pooled_checkpoint(tmp_path, pooled_model):
+    """A pooled checkpoint and the prepared data (written here, as data/prepare.py lays it out) it names."""
+    text = ("Before we proceed any further, hear me speak. " * 60).encode()
+    segmenter = byte_tokenizer.Segmenter.from_meta(POOLED_META)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.bin").write_bytes(text)
+        segmenter.offsets(text).astype(byte_tokenizer.OFFSETS_DTYPE).tofile(data / f"{split}.chunks.bin")
+    (data / "meta.json").write_text(json.dumps({**POOLED_META, "vocab_size": 256, "dtype": "uint8"}))
+    save_checkpoint({"model": pooled_model.state_dict(), "model_config": pooled_model.config.__dict__,
+                     "train_config": {"dataset": str(data)}, "data_meta": POOLED_META}, tmp_path / "ckpt.pt")
+    return tmp_path / "ckpt.pt", data, text.decode()
+
+
+def test_command_line_bits_per_byte_is_train_evaluate(pooled_checkpoint, pooled_model, capsys):
+    ckpt, data, _ = pooled_checkpoint
+    evaluate.main([f"--ckpt={ckpt}", "--threads=1"])
+    dataset = train.load_dataset(str(data), BLOCK)
+    expected = train.evaluate(pooled_model, dataset.val, None, BLOCK)["val_bpb"]
+    assert f"{expected:.4f} bits per byte" in capsys.readouterr().out
+
+
+def test_command_line_local_task(pooled_checkpoint, tmp_path, capsys):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (requirements-extra.txt)")
+    ckpt, _, text = pooled_checkpoint
+    evaluate.main([f"--ckpt={ckpt}", f"--make_task={tmp_path / 'tasks'}", "--task_docs=5"])
+    docs = [json.loads(line) for line in open(tmp_path / "tasks" / f"{evaluate.TASK_NAME}.jsonl")]
+    assert len(docs) == 5
+    for doc in docs:  # the labelled choice is what follows the context in the text; the others are not
+        assert doc["context"] + doc["choices"][doc["label"]] in text
+        assert len(doc["choices"]) == evaluate.DISTRACTORS + 1 == len(set(doc["choices"]))
+    evaluate.main([f"--ckpt={ckpt}", f"--tasks={evaluate.TASK_NAME}", f"--include_path={tmp_path / 'tasks'}",
+                   "--threads=1"])
+    assert f"{evaluate.TASK_NAME}: acc " in capsys.readouterr().out
