@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import byte_tokenizer
 import evaluate
