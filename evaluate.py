@@ -177,7 +177,7 @@ class StlmLM(LM):
         produced = b""
         for unit in self.model.generate_stream(prompt[None], len(target), temperature=0):
             produced += self.to_bytes(unit)
-            if len(produced) >= len(target):
+            if len(produced) >= len(target) or not target.startswith(produced):  # done, or already wrong
                 break
         return produced.startswith(target)
 

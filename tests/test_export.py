@@ -68,6 +68,23 @@ def test_export_reload_parity(tmp_path, overrides, architecture):
     assert reload_and_compare(model, tmp_path / "hf") <= TOLERANCE
 
 
+def test_llama_differs_only_by_its_float32_rotary_tables(tmp_path):
+    """
+    transformers computes rotary angles in float32, we in float64 (then round): the one source of the small
+    difference. Given transformers' cos/sin tables, our model's logits are bit-identical to the export's.
+    """
+    model = lively_model(**LLAMA_SHAPE, n_kv_head=2)
+    export.export(model, "bytes", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(256, (2, model.config.block_size))
+    with torch.no_grad():
+        cos, sin = hf.model.rotary_emb(torch.zeros(1), torch.arange(model.config.block_size)[None])
+        half = model.config.head_dim // 2  # transformers repeats the table for both halves
+        model.rope_cos.copy_(cos[0, :, :half])
+        model.rope_sin.copy_(sin[0, :, :half])
+        assert torch.equal(model(ids)[0], hf(ids).logits)
+
+
 @pytest.mark.parametrize("shape", [GPT2_SHAPE, LLAMA_SHAPE])
 def test_shared_weights_are_expanded_exactly(tmp_path, shape):
     model = lively_model(**shape, block_repeat=2, share_ffn=True)
