@@ -121,7 +121,8 @@ def val_text(dataset, n_bytes):
 class StlmLM(LM):
     """An lm-eval model scoring with a checkpoint's own probabilities: model_args ckpt=PATH[,device=cpu]."""
 
-    def __init__(self, ckpt="out/ckpt.pt", device="cpu", model=None, meta=None, **ignored):
+    def __init__(self, ckpt="out/ckpt.pt", device="cpu", model=None, meta=None, **lm_eval_settings):
+        # lm_eval_settings: lm-eval also passes batch_size and max_batch_size; requests are scored one at a time
         require("lm_eval", "lm-eval")
         super().__init__()
         if model is None:  # tests pass a model and its data's meta directly
@@ -185,12 +186,12 @@ class StlmLM(LM):
         if self.pooled:
             logp = self.text_logp(context + continuation) - (self.text_logp(context) if context else 0.0)
             return logp, self.greedy_continues(context, continuation)
+        spaces = len(context) - len(context.rstrip())  # as lm-eval's hf model: " Paris" is one BPE token
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
         if not context:
             context_units, continuation_units = self.units(EMPTY_CONTEXT), self.units(continuation)
         else:
-            spaces = len(context) - len(context.rstrip())  # as lm-eval's hf model: " Paris" is one BPE token
-            if spaces:
-                context, continuation = context[:-spaces], context[-spaces:] + continuation
             whole = self.units(context + continuation)
             cut = len(self.units(context))
             context_units, continuation_units = whole[:cut], whole[cut:]
