@@ -55,7 +55,8 @@ import byte_tokenizer
 import train
 from cli import UserError, parse_config, run
 from export import require
-from model import encode_text, load_checkpoint, model_from_checkpoint, token_byte_table, unit_to_bytes
+from model import load_checkpoint, model_from_checkpoint
+from tokenizer import ChunkedBytes, encode, token_byte_table, unit_to_bytes
 
 try:  # lm-eval is an optional extra: the bits-per-byte half of this file works without it
     from lm_eval.api.model import LM
@@ -107,7 +108,7 @@ def dataset_for(checkpoint, name=""):
 
 def val_text(dataset, n_bytes):
     """The first n_bytes of the validation text, as a string (a cut character is dropped)."""
-    if isinstance(dataset.val, byte_tokenizer.ChunkedBytes):
+    if isinstance(dataset.val, ChunkedBytes):
         data = bytes(dataset.val.data[:n_bytes])
     else:  # every token stands for at least one byte: n_bytes tokens are enough
         table = token_byte_table(dataset.meta["tokenization"])
@@ -137,7 +138,7 @@ class StlmLM(LM):
     def units(self, text):
         """Token ids (n,) or padded chunks (n, max_chunk_bytes) of a text, as the model was trained on."""
         device = next(self.model.parameters()).device
-        units = torch.tensor(encode_text(self.tokenization, text, self.meta), dtype=torch.long, device=device)
+        units = torch.tensor(encode(self.tokenization, text, self.meta), dtype=torch.long, device=device)
         return units.reshape(-1, self.model.config.max_chunk_bytes) if self.pooled else units
 
     @torch.no_grad()

@@ -51,8 +51,8 @@ import torch
 
 import reparam
 from cli import UserError, parse_config, run
-from model import (HF_PREFIX, GPTConfig, _gpt2_encoding, encode_text, load_checkpoint, load_hf_tokenizer,
-                   model_from_checkpoint)
+from model import GPTConfig, load_checkpoint, model_from_checkpoint
+from tokenizer import HF_PREFIX, encode, gpt2_encoding, load_hf_tokenizer
 
 LOGIT_TOLERANCE = 1e-5  # max |logit difference| between the exported model and ours
 GENERATE_TOKENS = 32  # greedy tokens compared (fewer when the context is shorter)
@@ -246,7 +246,7 @@ def write_weights(model, folder):
 # ----------------------------------------------------------------------------
 # the tokenizer
 
-def byte_tokenizer():
+def hf_bytes_tokenizer():
     """A tokenizers.Tokenizer whose id i is the byte i: GPT-2's byte-level mapping with no merges."""
     tokenizers = require("tokenizers")
     from transformers.convert_slow_tokenizer import bytes_to_unicode  # byte -> printable character, as GPT-2's BPE
@@ -258,10 +258,10 @@ def byte_tokenizer():
     return tokenizer
 
 
-def gpt2_tokenizer(folder):
+def hf_gpt2_tokenizer(folder):
     """GPT-2's BPE as a tokenizers.Tokenizer, converted from tiktoken's ranks (no download beyond tiktoken's)."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
-    encoding = _gpt2_encoding()
+    encoding = gpt2_encoding()
     ranks = folder / "gpt2.tiktoken"  # tiktoken's file format: base64 token, rank; read back by the converter
     ranks.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n"
                              for token, rank in encoding._mergeable_ranks.items()))
@@ -279,7 +279,7 @@ def write_tokenizer(tokenization, folder):
         return
     if tokenization not in ("bytes", "bpe"):
         raise UserError(f"tokenization {tokenization!r} has no exported tokenizer")
-    tokenizer = byte_tokenizer() if tokenization == "bytes" else gpt2_tokenizer(folder)
+    tokenizer = hf_bytes_tokenizer() if tokenization == "bytes" else hf_gpt2_tokenizer(folder)
     special = {"eos_token": "<|endoftext|>"} if tokenization == "bpe" else {}
     # bos_token is the newline's piece: evaluate.py scores a text with no context after a newline, and so does
     # lm-eval's hf model when it prefixes bos. split_special_tokens: special tokens' text in a string is
@@ -314,7 +314,7 @@ def verify(model, folder, tokenization, seed=0):
                         "not exported")
     # greedy generation within one context (beyond it our window slides and GPT-2's positions run out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    prompt = encode_text(tokenization, SAMPLE_TEXT)
+    prompt = encode(tokenization, SAMPLE_TEXT)
     if tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False) != prompt:
         raise UserError("the exported tokenizer does not reproduce the model's tokenization: not exported")
     prompt = torch.tensor([prompt[:config.block_size // 2]])

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import byte_tokenizer
 import evaluate
+import tokenizer
 import train
 from model import GPT, GPTConfig, save_checkpoint
 
@@ -64,8 +64,8 @@ def reference_byte_logp(model, context, continuation):
 
 def reference_text_logp(model, text):
     """log p(text) for a pooled model: GPT.forward's nats over the text's chunks after a newline chunk."""
-    segmenter = byte_tokenizer.Segmenter.from_meta(POOLED_META)
-    chunks = torch.tensor(byte_tokenizer.pad_chunks(segmenter.split("\n") + segmenter.split(text), 8), dtype=torch.long)
+    segmenter = tokenizer.Segmenter.from_meta(POOLED_META)
+    chunks = torch.tensor(tokenizer.pad_chunks(segmenter.split("\n") + segmenter.split(text), 8), dtype=torch.long)
     with torch.no_grad():
         _, nats = model(chunks[None, :-1], chunks[None, 1:], reduction="sum")
     return -nats.item()
@@ -174,12 +174,12 @@ def test_lm_eval_picks_the_most_likely_choice(tmp_path, byte_model, pooled_model
 def pooled_checkpoint(tmp_path, pooled_model):
     """A pooled checkpoint and the prepared data (written here, as data/prepare.py lays it out) it names."""
     text = ("Before we proceed any further, hear me speak. " * 60).encode()
-    segmenter = byte_tokenizer.Segmenter.from_meta(POOLED_META)
+    segmenter = tokenizer.Segmenter.from_meta(POOLED_META)
     data = tmp_path / "data"
     data.mkdir()
     for split in ("train", "val"):
         (data / f"{split}.bin").write_bytes(text)
-        segmenter.offsets(text).astype(byte_tokenizer.OFFSETS_DTYPE).tofile(data / f"{split}.chunks.bin")
+        segmenter.offsets(text).astype(tokenizer.OFFSETS_DTYPE).tofile(data / f"{split}.chunks.bin")
     (data / "meta.json").write_text(json.dumps({**POOLED_META, "vocab_size": 256, "dtype": "uint8"}))
     save_checkpoint({"model": pooled_model.state_dict(), "model_config": pooled_model.config.__dict__,
                      "train_config": {"dataset": str(data)}, "data_meta": POOLED_META}, tmp_path / "ckpt.pt")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cli import UserError
-from model import GPT, GPTConfig, _gpt2_encoding, save_checkpoint
+from model import GPT, GPTConfig, save_checkpoint
+from tokenizer import gpt2_encoding
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (requirements-extra.txt)")
 pytest.importorskip("safetensors", reason="safetensors is not installed (requirements-extra.txt)")
@@ -117,8 +118,8 @@ def test_bpe_tokenizer_matches_tiktoken(tmp_path):
     export.export(model, "bpe", tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "First Citizen:\n  Before we proceed... it's 1234 naïve 🙂 <|endoftext|> x\n\nĊ"
-    assert tokenizer.encode(text, add_special_tokens=False) == _gpt2_encoding().encode_ordinary(text)
-    assert tokenizer.decode(_gpt2_encoding().encode_ordinary(text)) == text
+    assert tokenizer.encode(text, add_special_tokens=False) == gpt2_encoding().encode_ordinary(text)
+    assert tokenizer.decode(gpt2_encoding().encode_ordinary(text)) == text
 
 
 @pytest.mark.parametrize("overrides, setting", [
