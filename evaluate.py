@@ -268,7 +268,8 @@ def write_continuation_task(text, folder, n_docs, seed):
 
 def write_task_yaml(folder, name, jsonl):
     """A multiple-choice task over a local JSONL file of {context, choices, label} (JSON is valid YAML)."""
-    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(Path(jsonl).resolve())}},
+    data_files = {"test": str(Path(jsonl).resolve())}
+    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": data_files},
             "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "{{context}}",
             "doc_to_target": "{{label}}", "doc_to_choice": "{{choices}}", "target_delimiter": "",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},

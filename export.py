@@ -172,7 +172,8 @@ def gpt2_weights(model):
         # GPT-2's Conv1D stores (in, out): the transpose of nn.Linear's weight
         state.update({
             prefix + "ln_1.weight": block.ln_1.weight, prefix + "ln_1.bias": or_zeros(block.ln_1.bias, C),
-            prefix + "attn.c_attn.weight": torch.cat([q, k, v]).t(), prefix + "attn.c_attn.bias": torch.cat([qb, kb, vb]),
+            prefix + "attn.c_attn.weight": torch.cat([q, k, v]).t(),
+            prefix + "attn.c_attn.bias": torch.cat([qb, kb, vb]),
             prefix + "attn.c_proj.weight": block.attn.c_proj.weight.t(),
             prefix + "attn.c_proj.bias": or_zeros(block.attn.c_proj.bias, C),
             prefix + "ln_2.weight": block.ln_2.weight, prefix + "ln_2.bias": or_zeros(block.ln_2.bias, C),

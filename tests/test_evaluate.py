@@ -71,8 +71,14 @@ def reference_text_logp(model, text):
     return -nats.item()
 
 
-CASES = [("To be, or not", " to be"), ("", "Hello"), ("  ", "Hi"), ("Whether 'tis nobler in the mind to suffer", " the slings"),
-         ("ab ", "cd"), ("naïve ", "café 🙂")]
+def reference_pooled_logp(model, context, continuation):
+    """The pooled model's documented score: log p(context + continuation) - log p(context)."""
+    logp = reference_text_logp(model, context + continuation)
+    return logp - reference_text_logp(model, context) if context else logp
+
+
+CASES = [("To be, or not", " to be"), ("", "Hello"), ("  ", "Hi"), ("ab ", "cd"), ("naïve ", "café 🙂"),
+         ("Whether 'tis nobler in the mind to suffer", " the slings")]  # longer than the context: cut from the left
 
 
 @pytest.mark.parametrize("context, continuation", CASES)
@@ -98,12 +104,9 @@ def test_long_continuations_are_scored_in_windows_like_train_evaluate(byte_model
 def test_pooled_loglikelihood_is_a_difference_of_text_probabilities(pooled_model, context, continuation):
     lm = evaluate.StlmLM(model=pooled_model, meta=POOLED_META)
     logp, _ = lm.loglikelihood_one(context, continuation)
-    expected = reference_text_logp(pooled_model, context + continuation)
-    if context:
-        expected -= reference_text_logp(pooled_model, context)
-    assert logp == pytest.approx(expected, abs=1e-4)
-    assert lm.text_logp(context + continuation) == pytest.approx(reference_text_logp(pooled_model, context + continuation),
-                                                                 abs=1e-4)
+    assert logp == pytest.approx(reference_pooled_logp(pooled_model, context, continuation), abs=1e-4)
+    whole = context + continuation
+    assert lm.text_logp(whole) == pytest.approx(reference_text_logp(pooled_model, whole), abs=1e-4)
 
 
 def test_generate_until_is_greedy_and_stops(byte_model):
@@ -150,15 +153,11 @@ CHOICES = [" that", " this", " the", " love"]
 @pytest.mark.parametrize("which", ["bytes", "pooled"])
 def test_lm_eval_picks_the_most_likely_choice(tmp_path, byte_model, pooled_model, which):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (requirements-extra.txt)")
-    if which == "bytes":
-        model, meta = byte_model, {"tokenization": "bytes"}
-        reference = lambda c, x: reference_byte_logp(byte_model, c, x)  # noqa: E731
-    else:
-        model, meta = pooled_model, POOLED_META
-        reference = lambda c, x: reference_text_logp(pooled_model, c + x) - reference_text_logp(pooled_model, c)  # noqa: E731
+    model, meta, reference = {"bytes": (byte_model, {"tokenization": "bytes"}, reference_byte_logp),
+                              "pooled": (pooled_model, POOLED_META, reference_pooled_logp)}[which]
     best, worst = [], []
     for context in CONTEXTS:
-        scores = [reference(context, choice) for choice in CHOICES]
+        scores = [reference(model, context, choice) for choice in CHOICES]
         assert max(scores) - sorted(scores)[-2] > 1e-3  # a clear winner: ties would make the task ambiguous
         best.append({"context": context, "choices": CHOICES, "label": int(np.argmax(scores))})
         worst.append({"context": context, "choices": CHOICES, "label": int(np.argmin(scores))})

@@ -100,7 +100,7 @@ def test_byte_tokenizer_round_trip(tmp_path):
     export.export(lively_model(), "bytes", tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert len(tokenizer) == 256
-    text = "Naïve café, 東京 🙂 <|endoftext|>\n\t\x00 end Ċ"  # Ċ: the newline's piece, the bos_token, is text here
+    text = "Naïve café, 東京 🙂 <|endoftext|>\n\t\x00 end Ċ"  # Ċ: the newline's piece (the bos_token) as text
     assert tokenizer.encode(text, add_special_tokens=False) == list(text.encode("utf-8"))
     assert tokenizer.decode(list(text.encode("utf-8"))) == text
     # any bytes, invalid UTF-8 included: the ids' pieces give the bytes back exactly, and decode() replaces what
