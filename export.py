@@ -105,14 +105,13 @@ def architecture(config):
     if config.ffn in reparam.FFN_TYPES:
         raise UserError(f"--ffn={config.ffn} (merged or not) has a linear path neither GPT-2 nor Llama has: "
                         "only gelu and swiglu FFNs export")
-    for name, shape in (("gpt2", GPT2_SHAPE), ("llama", LLAMA_SHAPE)):
-        if getattr(config, "ffn") == shape["ffn"]:
+    for name, title, shape in (("gpt2", "GPT-2", GPT2_SHAPE), ("llama", "Llama", LLAMA_SHAPE)):
+        if config.ffn == shape["ffn"]:  # the FFN picks the family; the rest of the shape must follow it
             mismatch = [key for key in shape if getattr(config, key) != shape[key]]
             if mismatch:
                 key = mismatch[0]
-                raise UserError(f"--{key}={getattr(config, key)} with --ffn={config.ffn}: "
-                                f"{'GPT-2' if name == 'gpt2' else 'Llama'} needs --{key}={shape[key]}, so this "
-                                "mixed shape cannot be exported")
+                raise UserError(f"--{key}={getattr(config, key)} with --ffn={config.ffn}: {title} needs "
+                                f"--{key}={shape[key]}, so this mixed shape cannot be exported")
             return name
     raise AssertionError(f"unhandled ffn {config.ffn}")
 

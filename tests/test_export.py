@@ -136,6 +136,14 @@ def test_refuses_what_neither_architecture_expresses(tmp_path, overrides, settin
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_refuses_a_setting_it_was_not_taught(tmp_path, monkeypatch):
+    """A GPTConfig key added later (QK-norm, say) is refused until export.py maps it, never silently dropped."""
+    monkeypatch.setattr(export, "HANDLED_KEYS", export.HANDLED_KEYS - {"rope_theta"})
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, **LLAMA_SHAPE, rope_theta=500.0))
+    with pytest.raises(UserError, match="--rope_theta=500.0"):
+        export.export(model, "bytes", tmp_path / "hf")
+
+
 def test_failed_verification_writes_nothing_and_existing_folders_are_kept(tmp_path, monkeypatch):
     model = lively_model(**LLAMA_SHAPE)
     monkeypatch.setattr(export, "LOGIT_TOLERANCE", -1.0)  # no model can pass: the export must refuse
