@@ -101,7 +101,7 @@ def architecture(config):
                         "GPT-2 or Llama yet: refusing rather than guessing")
     if config.embedder == "pooled":
         raise UserError("a pooled model (--embedder=pooled: byte encoder and decoder) has no GPT-2 or Llama "
-                        "equivalent; evaluate it with evaluate.py instead")
+                        "equivalent; evaluate it with evaluation.py instead")
     if config.ffn in reparam.FFN_TYPES:
         raise UserError(f"--ffn={config.ffn} (merged or not) has a linear path neither GPT-2 nor Llama has: "
                         "only gelu and swiglu FFNs export")
@@ -281,7 +281,7 @@ def write_tokenizer(tokenization, folder):
         raise UserError(f"tokenization {tokenization!r} has no exported tokenizer")
     tokenizer = hf_bytes_tokenizer() if tokenization == "bytes" else hf_gpt2_tokenizer(folder)
     special = {"eos_token": "<|endoftext|>"} if tokenization == "bpe" else {}
-    # bos_token is the newline's piece: evaluate.py scores a text with no context after a newline, and so does
+    # bos_token is the newline's piece: evaluation.py scores a text with no context after a newline, and so does
     # lm-eval's hf model when it prefixes bos. split_special_tokens: special tokens' text in a string is
     # tokenized like any text (a literal "<|endoftext|>" too, as tiktoken's encode_ordinary has it)
     newline = tokenizer.id_to_token(tokenizer.encode(NEWLINE, add_special_tokens=False).ids[0])

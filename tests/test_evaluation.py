@@ -1,5 +1,5 @@
 """
-evaluate.py: bits per byte through train.evaluate, and the lm-evaluation-harness model.
+evaluation.py: bits per byte through train.evaluate, and the lm-evaluation-harness model.
 
 The adapter's log-likelihoods are compared with references written here from
 the model's plain forward pass; accuracy is checked on small local tasks run
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
+import evaluation
 import tokenizer
 import train
 from model import GPT, GPTConfig, save_checkpoint
@@ -83,7 +83,7 @@ CASES = [("To be, or not", " to be"), ("", "Hello"), ("  ", "Hi"), ("ab ", "cd")
 
 @pytest.mark.parametrize("context, continuation", CASES)
 def test_byte_loglikelihood_equals_the_forward_pass(byte_model, context, continuation):
-    lm = evaluate.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
+    lm = evaluation.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
     logp, greedy = lm.loglikelihood_one(context, continuation)
     assert logp == pytest.approx(reference_byte_logp(byte_model, context, continuation), abs=1e-4)
     assert logp < 0 and greedy in (True, False)
@@ -91,7 +91,7 @@ def test_byte_loglikelihood_equals_the_forward_pass(byte_model, context, continu
 
 def test_long_continuations_are_scored_in_windows_like_train_evaluate(byte_model):
     text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(3 * BLOCK + 5))
-    lm = evaluate.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
+    lm = evaluation.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
     # train.evaluate over the same units, laid out as consecutive windows, gives the same total nats
     ids = np.array(list(("\n" + text).encode()), dtype=np.int64)
     n = (len(ids) - 1) // BLOCK * BLOCK + 1
@@ -102,7 +102,7 @@ def test_long_continuations_are_scored_in_windows_like_train_evaluate(byte_model
 
 @pytest.mark.parametrize("context, continuation", CASES)
 def test_pooled_loglikelihood_is_a_difference_of_text_probabilities(pooled_model, context, continuation):
-    lm = evaluate.StlmLM(model=pooled_model, meta=POOLED_META)
+    lm = evaluation.StlmLM(model=pooled_model, meta=POOLED_META)
     logp, _ = lm.loglikelihood_one(context, continuation)
     assert logp == pytest.approx(reference_pooled_logp(pooled_model, context, continuation), abs=1e-4)
     whole = context + continuation
@@ -110,7 +110,7 @@ def test_pooled_loglikelihood_is_a_difference_of_text_probabilities(pooled_model
 
 
 def test_generate_until_is_greedy_and_stops(byte_model):
-    lm = evaluate.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
+    lm = evaluation.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
     prompt = torch.tensor([list(b"To be")])
     greedy = bytes(byte_model.generate(prompt, 10, temperature=0)[0, 5:].tolist()).decode("utf-8", errors="replace")
     assert lm.generate_one("To be", {"until": [], "max_gen_toks": 10}) == greedy
@@ -129,7 +129,7 @@ def test_lm_eval_hf_model_on_the_export_gives_the_same_numbers(tmp_path, byte_mo
     cases = [(context, continuation) for context, continuation in CASES if context.strip() or not context]
     requests = [Instance("loglikelihood", {}, case, i) for i, case in enumerate(cases)]
     theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=1).loglikelihood(requests)
-    ours = evaluate.StlmLM(model=byte_model, meta={"tokenization": "bytes"}).loglikelihood(requests)
+    ours = evaluation.StlmLM(model=byte_model, meta={"tokenization": "bytes"}).loglikelihood(requests)
     for (their_logp, their_greedy), (our_logp, our_greedy) in zip(theirs, ours):
         assert their_logp == pytest.approx(our_logp, abs=1e-4) and their_greedy == our_greedy
 
@@ -163,8 +163,8 @@ def test_lm_eval_picks_the_most_likely_choice(tmp_path, byte_model, pooled_model
         worst.append({"context": context, "choices": CHOICES, "label": int(np.argmin(scores))})
     write_task(tmp_path, "forced_best", best)
     write_task(tmp_path, "forced_worst", worst)
-    lm = evaluate.StlmLM(model=model, meta=meta)
-    results = evaluate.run_tasks(lm, ["forced_best", "forced_worst"], str(tmp_path))
+    lm = evaluation.StlmLM(model=model, meta=meta)
+    results = evaluation.run_tasks(lm, ["forced_best", "forced_worst"], str(tmp_path))
     assert results["forced_best"]["acc,none"] == 1.0
     assert results["forced_worst"]["acc,none"] == 0.0  # the least likely answer is never picked
 
@@ -187,7 +187,7 @@ def pooled_checkpoint(tmp_path, pooled_model):
 
 def test_command_line_bits_per_byte_is_train_evaluate(pooled_checkpoint, pooled_model, capsys):
     ckpt, data, _ = pooled_checkpoint
-    evaluate.main([f"--ckpt={ckpt}", "--threads=1"])
+    evaluation.main([f"--ckpt={ckpt}", "--threads=1"])
     dataset = train.load_dataset(str(data), BLOCK)
     expected = train.evaluate(pooled_model, dataset.val, None, BLOCK)["val_bpb"]
     assert f"{expected:.4f} bits per byte" in capsys.readouterr().out
@@ -196,12 +196,12 @@ def test_command_line_bits_per_byte_is_train_evaluate(pooled_checkpoint, pooled_
 def test_command_line_local_task(pooled_checkpoint, tmp_path, capsys):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (requirements-extra.txt)")
     ckpt, _, text = pooled_checkpoint
-    evaluate.main([f"--ckpt={ckpt}", f"--make_task={tmp_path / 'tasks'}", "--task_docs=5"])
-    docs = [json.loads(line) for line in open(tmp_path / "tasks" / f"{evaluate.TASK_NAME}.jsonl")]
+    evaluation.main([f"--ckpt={ckpt}", f"--make_task={tmp_path / 'tasks'}", "--task_docs=5"])
+    docs = [json.loads(line) for line in open(tmp_path / "tasks" / f"{evaluation.TASK_NAME}.jsonl")]
     assert len(docs) == 5
     for doc in docs:  # the labelled choice is what follows the context in the text; the others are not
         assert doc["context"] + doc["choices"][doc["label"]] in text
-        assert len(doc["choices"]) == evaluate.DISTRACTORS + 1 == len(set(doc["choices"]))
-    evaluate.main([f"--ckpt={ckpt}", f"--tasks={evaluate.TASK_NAME}", f"--include_path={tmp_path / 'tasks'}",
-                   "--threads=1"])
-    assert f"{evaluate.TASK_NAME}: acc " in capsys.readouterr().out
+        assert len(doc["choices"]) == evaluation.DISTRACTORS + 1 == len(set(doc["choices"]))
+    evaluation.main([f"--ckpt={ckpt}", f"--tasks={evaluation.TASK_NAME}", f"--include_path={tmp_path / 'tasks'}",
+                     "--threads=1"])
+    assert f"{evaluation.TASK_NAME}: acc " in capsys.readouterr().out

@@ -1,10 +1,10 @@
 """
 Evaluate a checkpoint: bits per byte on its own data, and lm-evaluation-harness tasks.
 
-    python evaluate.py --ckpt=out/ckpt.pt                        # val bits per byte (train.evaluate, all of val)
-    python evaluate.py --ckpt=out/ckpt.pt --tasks=hellaswag,arc_easy,blimp --limit=500   # needs network once
-    python evaluate.py --ckpt=out/ckpt.pt --make_task=out/tasks  # a local multiple-choice task from val text
-    python evaluate.py --ckpt=out/ckpt.pt --tasks=stlm_continuation --include_path=out/tasks
+    python evaluation.py --ckpt=out/ckpt.pt                        # val bits per byte (train.evaluate, all of val)
+    python evaluation.py --ckpt=out/ckpt.pt --tasks=hellaswag,arc_easy,blimp --limit=500   # needs network once
+    python evaluation.py --ckpt=out/ckpt.pt --make_task=out/tasks  # a local multiple-choice task from val text
+    python evaluation.py --ckpt=out/ckpt.pt --tasks=stlm_continuation --include_path=out/tasks
 
 Bits per byte comes from train.evaluate, the project's one such function, over
 the checkpoint's own dataset (or --dataset). Tasks run through an
@@ -34,7 +34,7 @@ byte, BPE and pooled models are compared on the same tasks:
 
 `lm_eval`'s own command line cannot see a model class from a project that is
 not pip-installed; this file is the command line (it takes --tasks,
---include_path, --num_fewshot, --limit), and from Python `import evaluate`
+--include_path, --num_fewshot, --limit), and from Python `import evaluation`
 then `lm_eval.simple_evaluate(model="stlm", model_args="ckpt=out/ckpt.pt", ...)`.
 Chance levels, for reading a tiny model's accuracy honestly: hellaswag 25%
 (4 endings), arc_easy about 25% (4 choices, a few with 3 or 5), blimp 50%
