@@ -213,6 +213,9 @@ def load_teacher(path, dataset, device):
             raise UserError(f"no teacher at {path}: train one first ({TEACHER_RECIPE}) or pass --teacher=PATH")
         checkpoint = load_checkpoint(path)
         module = model_from_checkpoint(checkpoint).to(dtype)
+        if module.config.embedder == "pooled":  # its outputs are byte distributions per chunk, not token logits
+            raise UserError(f"the teacher {path} is a pooled (byte chunk) model: distillation needs a teacher "
+                            "trained on token data (bytes, bpe or hf)")
         teacher_tokens = checkpoint.get("data_meta", {}).get("tokenization")
         if teacher_tokens != dataset.meta["tokenization"] or module.config.vocab_size != dataset.meta["vocab_size"]:
             raise UserError(f"the teacher was trained on {teacher_tokens} tokens (vocabulary {module.config.vocab_size}), "
@@ -433,6 +436,9 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
     loss_fn, batch_fn = train.language_model_loss, train.get_batch  # alpha = 0: exactly train.py
     t0 = time.perf_counter()
     if distilling:
+        if dataset.meta["tokenization"] == "pooled":
+            raise UserError(f"{train_config.dataset} is pooled data: distillation matches token distributions, "
+                            "so it needs token data (bytes, bpe or hf); train pooled models with train.py")
         teacher = load_teacher(config.teacher, dataset, device)
         projection = None
         if config.online:
