@@ -466,7 +466,8 @@ def setup(config, model_config, checkpoint=None):
         counts = model.num_params()
         print(f"model: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head, {counts['core']:,} core); "
               f"data: {config.dataset} ({dataset.meta['tokenization']}, {len(dataset.train):,} train tokens); "
-              f"device: {device}" + (f" x {dist.world_size} processes" if dist.world_size > 1 else ""))
+              f"device: {device}" + (f" x {dist.world_size} processes" if dist.world_size > 1 else "")
+              + (f", {torch.get_num_threads()} threads" if device == "cpu" else ""))
     return dist, device, dataset, model, optimizer, state
 
 
