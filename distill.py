@@ -3,7 +3,7 @@ Knowledge distillation: train a small student on a larger teacher's predictions.
 
     python train.py --n_layer=6 --n_embd=256 --n_head=8 --out_dir=out-distill/teacher   # a teacher first
     python distill.py                                        # cpu-tiny student from out-distill/teacher/ckpt.pt
-    python distill.py --kd_loss=reverse --alpha=0.5          # MiniLLM's reverse KL
+    python distill.py --kd_loss=reverse --overwrite          # MiniLLM's reverse KL, replacing that student
     python distill.py --teacher=path/to/hf_model --dataset=my_hf_data   # a Hugging Face teacher (see below)
     python distill.py --help                                 # every key, with its default
 

@@ -48,8 +48,8 @@ def read_prompt(prompt):
         path = Path(prompt[len("FILE:"):])
         if not path.is_file():
             raise UserError(f"prompt file {path} not found")
-        try:
-            return path.read_bytes().decode("utf-8")
+        try:  # newlines as read_text has them: \r\n and \r become \n
+            return path.read_bytes().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except UnicodeDecodeError as e:
             raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
                             "convert it, e.g. iconv -f latin1 -t utf-8") from None

@@ -102,6 +102,8 @@ def configure(argv, extra_configs=(), usage=__doc__):
         config = TrainConfig(**resumed_settings(checkpoint, {f.name for f in dataclasses.fields(TrainConfig)}, assigned))
         model_config = GPTConfig(**checkpoint["model_config"])
         check_resume_step(config, checkpoint)
+        if not config.lr_decay_iters:  # a checkpoint from before the schedule was stored: its own max_iters
+            config.lr_decay_iters = checkpoint["train_config"]["max_iters"]
     else:
         check_fresh_out_dir(config)
         model_config = preset_config(config.preset, **model_overrides)
