@@ -17,8 +17,11 @@ one way of losing work or getting a wrong result without noticing:
   after its checkpoint before appending its own;
 - Ctrl-C and SIGTERM only set a flag: the loop saves at the next step boundary,
   never in the middle of optimizer.step(); a second Ctrl-C quits unsaved;
-- a model with a NaN or infinity in it is never saved (model.save_checkpoint
-  keeps the previous file when the disk is full).
+- a model with a NaN or infinity in it is never saved;
+- checkpoints are written to a temp file and renamed: a kill mid-write keeps
+  the previous one, and so does a full disk, which leaves no temp file behind;
+- checkpoints load with weights_only=True: a file carrying pickled code is
+  refused, and said to be.
 """
 
 import dataclasses
@@ -59,10 +62,13 @@ def save_checkpoint(checkpoint, path):
         torch.save({**checkpoint, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}, tmp)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        if getattr(e, "errno", None) != errno.ENOSPC and not any(m in str(e) for m in TORCH_WRITE_FAILURES):
-            raise  # not a failed write: a bug, to be seen in full
         kept = "previous checkpoint kept" if path.exists() else "no checkpoint written"
-        raise UserError(f"disk full writing {path}, {kept}: free some space (or pick another folder) and run again") from None
+        if getattr(e, "errno", None) == errno.ENOSPC or any(m in str(e) for m in TORCH_WRITE_FAILURES):
+            raise UserError(f"disk full writing {path}, {kept}: free some space (or pick another folder) "
+                            "and run again") from None
+        if isinstance(e, OSError):  # no permission, a read-only disk ...
+            raise UserError(f"could not write {path} ({e.strerror or e}), {kept}: pick another folder") from None
+        raise  # not a failed write: a bug, to be seen in full
     os.replace(tmp, path)
 
 

@@ -4,13 +4,13 @@ many CPU threads, and whether training fits in memory. Every script picks its
 device and threads here.
 
 Why threads need care: torch splits each CPU operation evenly over its
-threads, and each operation waits for the slowest one. A thread that shares
-its core with another busy program gets that core a fraction of the time, in
-scheduler slices far longer than one of a tiny model's operations, so every
-operation waits: on 2 cores with one other busy program, 2 threads trained
-the quick start about 7x slower than 1 thread would. So --threads=0 (the
-default) uses the cores that are idle when the run starts, not every core;
-see README's "Guarantees" for the measurement.
+threads (OpenMP), and each operation waits for the slowest one. A thread that
+shares its core with another busy program gets that core in scheduler slices
+of milliseconds, far longer than one of a tiny model's operations, so nearly
+every operation waits: on 2 cores with one other busy program the quick start
+took 760 s with 2 threads instead of about 100 s. So --threads=0 (the
+default) uses the cores that are idle when the run starts, not every core. A
+program that starts later is not seen: on a shared machine pass --threads=1.
 """
 
 import os
