@@ -24,11 +24,9 @@ decoder for the next chunk). The data decides which; the core is the same.
 """
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
