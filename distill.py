@@ -3,7 +3,7 @@ Knowledge distillation: train a small student on a larger teacher's predictions.
 
     python train.py --n_layer=6 --n_embd=256 --n_head=8 --out_dir=out-distill/teacher   # a teacher first
     python distill.py                                        # cpu-tiny student from out-distill/teacher/ckpt.pt
-    python distill.py --kd_loss=reverse --alpha=0.5          # MiniLLM's reverse KL
+    python distill.py --kd_loss=reverse --overwrite          # MiniLLM's reverse KL, replacing that student
     python distill.py --teacher=path/to/hf_model --dataset=my_hf_data   # a Hugging Face teacher (see below)
     python distill.py --help                                 # every key, with its default
 
@@ -213,6 +213,9 @@ def load_teacher(path, dataset, device):
             raise UserError(f"no teacher at {path}: train one first ({TEACHER_RECIPE}) or pass --teacher=PATH")
         checkpoint = load_checkpoint(path)
         module = model_from_checkpoint(checkpoint).to(dtype)
+        if module.config.embedder == "pooled":  # its outputs are byte distributions per chunk, not token logits
+            raise UserError(f"the teacher {path} is a pooled (byte chunk) model: distillation needs a teacher "
+                            "trained on token data (bytes, bpe or hf)")
         teacher_tokens = checkpoint.get("data_meta", {}).get("tokenization")
         if teacher_tokens != dataset.meta["tokenization"] or module.config.vocab_size != dataset.meta["vocab_size"]:
             raise UserError(f"the teacher was trained on {teacher_tokens} tokens (vocabulary {module.config.vocab_size}), "
@@ -436,6 +439,9 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
     loss_fn, batch_fn = train.language_model_loss, train.get_batch  # alpha = 0: exactly train.py
     t0 = time.perf_counter()
     if distilling:
+        if dataset.meta["tokenization"] == "pooled":
+            raise UserError(f"{train_config.dataset} is pooled data: distillation matches token distributions, "
+                            "so it needs token data (bytes, bpe or hf); train pooled models with train.py")
         teacher = load_teacher(config.teacher, dataset, device)
         projection = None
         if config.online:

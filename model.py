@@ -13,7 +13,7 @@ A decoder-only GPT in the style of nanoGPT, with the knobs that matter for
 - MobileLLM's block-wise weight sharing (each block applied k times in a row:
   depth without parameters) and STLM's FFN sharing (one FFN for all layers),
 - generation with a KV cache, and checkpoints written atomically and loaded
-  with `weights_only=True`.
+  with `weights_only=True` (checkpointing.py; scripts import them from here).
 
 The embedder and head around the core are picked by `embedder`: `tokens` (a
 row per token id, BPE or plain bytes, vocab_size from the data) or `pooled`
@@ -24,11 +24,9 @@ decoder for the next chunk). The data decides which; the core is the same.
 """
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,11 +34,10 @@ import torch.nn.functional as F
 
 import byte_tokenizer
 import reparam
+from checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint  # noqa: F401
 from cli import UserError, parse_config, run
 from tokenizer import BYTE_VOCAB, MAX_CHUNK_BYTES
 
-CHECKPOINT_FORMAT = "stlm-checkpoint"
-CHECKPOINT_VERSION = 1
 INIT_STD = 0.02  # GPT-2's initialisation scale for every weight matrix
 NORM_EPS = 1e-5  # GPT-2's LayerNorm epsilon, used by both norms
 
@@ -432,37 +429,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 # ----------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(checkpoint, path):
-    """Write atomically: a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**checkpoint, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """The checkpoint dict at path, refusing missing, truncated and foreign files with a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: train one first (python train.py) or pass --ckpt=PATH")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file: {e.__class__.__name__})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint written by this project (no '{CHECKPOINT_FORMAT}' marker)")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path} has checkpoint version {checkpoint.get('version')}, this code reads {CHECKPOINT_VERSION}")
-    if "model" not in checkpoint or "model_config" not in checkpoint:
-        raise UserError(f"{path} holds no model (no 'model' and 'model_config' entries)")
-    return checkpoint
-
-
 def model_from_checkpoint(checkpoint):
     """The GPT stored in a checkpoint dict, in eval mode."""
-    config = GPTConfig(**checkpoint["model_config"])
-    model = GPT(config)
+    model = GPT(GPTConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     return model.eval()
 

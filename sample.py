@@ -13,7 +13,7 @@ then counts chunks.
 """
 
 import codecs
-import os
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError, parse_config, run
+from hardware import pick_device, set_cpu_threads
 from model import load_checkpoint, model_from_checkpoint
 from tokenizer import encode, unit_to_bytes
 
@@ -37,16 +38,26 @@ class SampleConfig:
     top_p: float = 1.0  # nucleus sampling: the likeliest tokens holding this much mass
     use_cache: bool = True  # false recomputes the whole context every token (slow; for comparison)
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # CPU threads for torch; 0 = every core
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # CPU threads for torch; 0 = the cores idle at the start (hardware.py)
 
 
 def read_prompt(prompt):
+    """The prompt's text, refusing bytes that are not UTF-8 (the command line keeps them as surrogate escapes)."""
     if prompt.startswith("FILE:"):
         path = Path(prompt[len("FILE:"):])
         if not path.is_file():
             raise UserError(f"prompt file {path} not found")
-        return path.read_text(encoding="utf-8")
+        try:  # newlines as read_text has them: \r\n and \r become \n
+            return path.read_bytes().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                            "convert it, e.g. iconv -f latin1 -t utf-8") from None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"--prompt is not valid UTF-8 (at character {e.start}): pass UTF-8 text, "
+                        "or a UTF-8 file with --prompt=FILE:path") from None
     return prompt
 
 
@@ -70,23 +81,24 @@ def stream_sample(model, prompt_ids, to_bytes, config, generator, out=sys.stdout
 def main(argv=None):
     config = SampleConfig()
     parse_config([config], sys.argv[1:] if argv is None else argv, usage=__doc__)
-    if config.temperature < 0 or config.top_k < 0 or not 0 <= config.top_p <= 1 or config.max_new_tokens < 0:
-        raise UserError("sampling needs --temperature >= 0, --top_k >= 0, 0 <= --top_p <= 1 and --max_new_tokens >= 0")
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (math.isfinite(config.temperature) and config.temperature >= 0) or config.top_k < 0 \
+            or not 0 <= config.top_p <= 1 or config.max_new_tokens < 0 or config.num_samples < 0 or config.threads < 0:
+        raise UserError("sampling needs a finite --temperature >= 0, --top_k >= 0, 0 <= --top_p <= 1, and "
+                        "--max_new_tokens, --num_samples and --threads >= 0")
+    device = pick_device(config.device)  # before the checkpoint: a missing GPU is not a damaged file
     if device == "cpu":
-        torch.set_num_threads(config.threads or os.cpu_count())
+        set_cpu_threads(config.threads)
+    prompt = read_prompt(config.prompt)
     checkpoint = load_checkpoint(config.ckpt, device)
     model = model_from_checkpoint(checkpoint).to(device)
     tokenization = checkpoint["data_meta"]["tokenization"]
     to_bytes = unit_to_bytes(tokenization)
-    prompt_ids = encode(tokenization, read_prompt(config.prompt), checkpoint["data_meta"])
+    prompt_ids = encode(tokenization, prompt, checkpoint["data_meta"])
     if not prompt_ids:
         raise UserError("the prompt is empty: pass --prompt=TEXT (the default is a newline)")
     generator = torch.Generator(device=device).manual_seed(config.seed)
     for i in range(config.num_samples):
-        sys.stdout.write(read_prompt(config.prompt))
+        sys.stdout.write(prompt)
         t0 = time.perf_counter()
         n_tokens = stream_sample(model, prompt_ids, to_bytes, config, generator)
         elapsed = time.perf_counter() - t0

@@ -11,8 +11,10 @@ Validation reports bits per byte, the one metric that compares models across
 tokenizations. Pooled data (byte chunks, data/prepare.py --tokenization=pooled)
 trains a pooled model with the same commands: the data picks the embedder.
 Each evaluation writes out_dir/ckpt.pt atomically, with all a resume needs;
-Ctrl-C writes one too before exiting. Metrics are appended to
-out_dir/metrics.jsonl.
+Ctrl-C and SIGTERM write one too, at the next step boundary, before exiting.
+Metrics go to out_dir/metrics.jsonl. checkpointing.py keeps the run's folder
+safe: no re-run clobbers a run, no resume goes on with other data or writes
+where a checkpoint says, no diverged (NaN) model is saved.
 
 The loop is a set of functions (load_dataset, get_batch, evaluate, train_loop)
 that distill.py reuses with its own loss.
@@ -23,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,14 +35,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpointing import (CHECKPOINT_NAME, MetricsLog, StopRequests, TrainState, all_finite, check_fresh_out_dir,
+                           check_resume_step, check_same_data, diverged, make_checkpoint, restore, resumed_settings)
 from cli import UserError, parse_config, run
+from hardware import Distributed, check_memory, init_distributed, pick_device, set_cpu_threads
 from model import GPT, GPTConfig, load_checkpoint, preset_config, save_checkpoint
 from tokenizer import OFFSETS_DTYPE, ChunkedBytes
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-CHECKPOINT_NAME = "ckpt.pt"
-METRICS_NAME = "metrics.jsonl"
 TOKEN_BYTES_NAME = "token_bytes.npy"  # written by data/prepare.py: bytes of text per token id
+DATA_MODEL_KEYS = frozenset({"vocab_size", "embedder", "max_chunk_bytes"})  # set by the data: model_keys_from_data
 
 
 @dataclass
@@ -49,6 +54,7 @@ class TrainConfig:
     preset: str = "cpu-tiny"  # named shape from model.py; GPTConfig keys override it
     out_dir: str = "out"
     resume: bool = False  # continue from out_dir/ckpt.pt
+    overwrite: bool = False  # a fresh run may replace the run already in out_dir
     # optimisation
     batch_size: int = 12
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -56,7 +62,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     min_lr: float = 2e-4  # the cosine schedule ends here
     warmup_iters: int = 100
-    lr_decay_iters: int = 0  # where the cosine reaches min_lr; 0 = max_iters
+    lr_decay_iters: int = 0  # where the cosine reaches min_lr; 0 = max_iters (of the first run: a resume keeps it)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99  # small models see few tokens per step: a shorter second-moment memory helps
@@ -67,7 +73,7 @@ class TrainConfig:
     log_interval: int = 10
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # CPU threads for torch; 0 = every core
+    threads: int = 0  # CPU threads for torch; 0 = the cores idle at the start (hardware.py explains why)
     compile: bool = False  # torch.compile: faster steps after a 30-60 s first step
     seed: int = 1337
 
@@ -85,29 +91,44 @@ def configure(argv, extra_configs=(), usage=__doc__):
     assigned = parse_config([config, model_args, *extra_configs], argv, usage=usage)
     model_keys = {f.name for f in dataclasses.fields(GPTConfig)}
     model_overrides = {k: v for k, v in assigned.items() if k in model_keys}
+    for key in DATA_MODEL_KEYS & model_overrides.keys():
+        raise UserError(f"--{key} is set by the data (its meta.json), not on the command line: drop --{key}")
     checkpoint = None
     if config.resume:
         if model_overrides:
             raise UserError(f"--resume takes the model's shape from the checkpoint; drop --{next(iter(model_overrides))}")
         checkpoint = load_checkpoint(Path(config.out_dir) / CHECKPOINT_NAME)
         # the stored run's settings, except what this command line changes (e.g. a longer --max_iters)
-        train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(**{**checkpoint["train_config"], **{k: v for k, v in assigned.items() if k in train_keys}})
+        config = TrainConfig(**resumed_settings(checkpoint, {f.name for f in dataclasses.fields(TrainConfig)}, assigned))
         model_config = GPTConfig(**checkpoint["model_config"])
+        check_resume_step(config, checkpoint)
+        if not config.lr_decay_iters:  # a checkpoint from before the schedule was stored: its own max_iters
+            config.lr_decay_iters = checkpoint["train_config"]["max_iters"]
     else:
+        check_fresh_out_dir(config)
         model_config = preset_config(config.preset, **model_overrides)
-    for key in ("batch_size", "grad_accum", "max_iters", "log_interval", "eval_interval"):
-        if getattr(config, key) < 1:
-            raise UserError(f"--{key} must be at least 1, got {getattr(config, key)}")
+        # the schedule is fixed by the first run: a resume with a longer --max_iters keeps it
+        config.lr_decay_iters = config.lr_decay_iters or config.max_iters
+    check_train_config(config)
     return config, model_config, checkpoint
 
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={name} but torch sees no CUDA GPU: use --device=cpu")
-    return name
+def check_train_config(config):
+    """Refuse values that would crash later or train silently wrong, naming the key."""
+    for key in ("batch_size", "grad_accum", "max_iters", "log_interval", "eval_interval"):
+        if getattr(config, key) < 1:
+            raise UserError(f"--{key} must be at least 1, got {getattr(config, key)}")
+    for key in ("warmup_iters", "lr_decay_iters", "eval_tokens", "threads", "seed"):
+        if getattr(config, key) < 0:
+            raise UserError(f"--{key} must be 0 or more, got {getattr(config, key)}")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        raise UserError(f"--learning_rate must be a positive number, got {config.learning_rate}")
+    for key in ("min_lr", "weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(config, key)) and getattr(config, key) >= 0):
+            raise UserError(f"--{key} must be a number >= 0, got {getattr(config, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(config, key) < 1:
+            raise UserError(f"--{key} must be in [0, 1), got {getattr(config, key)}")
 
 
 # ----------------------------------------------------------------------------
@@ -235,29 +256,6 @@ def language_model_loss(model, x, y):
 
 
 # ----------------------------------------------------------------------------
-# processes: one, or one per device under torchrun
-
-@dataclass
-class Distributed:
-    rank: int = 0  # this process among all of them
-    local_rank: int = 0  # this process on its machine: picks the GPU
-    world_size: int = 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0  # the only process that logs, evaluates and writes checkpoints
-
-
-def init_distributed(device):
-    """Join the process group when torchrun started us (it sets RANK and friends); else a single process."""
-    if "RANK" not in os.environ:
-        return Distributed()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    torch.distributed.init_process_group(backend=backend)
-    return Distributed(torch.distributed.get_rank(), int(os.environ["LOCAL_RANK"]), torch.distributed.get_world_size())
-
-
-# ----------------------------------------------------------------------------
 # randomness: derived from (seed, step, micro-batch), never carried as state
 
 def micro_batch_seed(seed, step, micro_batch):
@@ -268,36 +266,6 @@ def micro_batch_seed(seed, step, micro_batch):
     would: the step is the whole data position.
     """
     return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1, np.uint64)[0])
-
-
-# ----------------------------------------------------------------------------
-# checkpoints: everything a resume needs to continue bit for bit
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done; with the seed it fixes the data and RNG position
-
-
-def make_checkpoint(model, optimizer, config, state, meta):
-    return {
-        "model": model.state_dict(),
-        "model_config": dataclasses.asdict(model.config),
-        "optimizer": optimizer.state_dict(),
-        "train_config": dataclasses.asdict(config),
-        "step": state.step,
-        "data_meta": meta,
-    }
-
-
-def restore(checkpoint, model, optimizer, state):
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    state.step = checkpoint["step"]
-
-
-def log_metrics(out_dir, record):
-    with open(Path(out_dir) / METRICS_NAME, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------
@@ -316,15 +284,30 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
     model, eval_model = wrap_model(model, config, device, dist)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     out_dir = Path(config.out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    log = None
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(out_dir, state.step)  # a resumed run drops what was logged after its checkpoint
+    saved = {"step": state.step if config.resume else None}  # the last checkpoint known good
+
+    def save():
+        if not all_finite(raw_model):  # never replace a good checkpoint with a diverged model
+            raise diverged("model", "not finite (NaN or infinity in its weights)", state.step, describe_saved())
+        save_checkpoint(make_checkpoint(raw_model, optimizer, config, state, dataset.meta), ckpt_path)
+        saved["step"] = state.step
+
+    def describe_saved():
+        return None if saved["step"] is None else f"{ckpt_path}, step {saved['step']}"
 
     def evaluate_and_save():
         result = evaluate(eval_model, dataset.val, dataset.token_bytes, raw_model.config.block_size,
                           config.eval_tokens, autocast=autocast)
-        log_metrics(out_dir, {"step": state.step, **result})
+        if not math.isfinite(result["val_loss"]):
+            raise diverged("validation loss", result["val_loss"], state.step, describe_saved())
+        log.write({"step": state.step, **result})
         tqdm.write(f"step {state.step}: val loss {result['val_loss']:.4f}, val {result['val_bpb']:.4f} bits per byte")
-        save_checkpoint(make_checkpoint(raw_model, optimizer, config, state, dataset.meta), out_dir / CHECKPOINT_NAME)
+        save()
         return result
 
     model.train()
@@ -334,37 +317,49 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
     progress = tqdm(total=config.max_iters, initial=state.step, unit="step", dynamic_ncols=True, disable=not dist.is_main)
     result = None
     try:
-        while state.step < config.max_iters:
-            lr = learning_rate(state.step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            metrics = accumulate_gradients(model, raw_model.config.block_size, dataset, config, state, device, dist,
-                                           loss_fn, batch_fn, autocast)
-            if config.grad_clip > 0:  # every trained parameter, distill.py's projection included
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            raw_model.set_step(state.step)
-            progress.update(1)
+        with StopRequests() as stop:
+            while state.step < config.max_iters:
+                lr = learning_rate(state.step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                metrics = accumulate_gradients(model, raw_model.config.block_size, dataset, config, state, device,
+                                               dist, loss_fn, batch_fn, autocast)
+                if not torch.isfinite(metrics["loss"]):  # checked before optimizer.step: the weights are still good
+                    loss = metrics["loss"].item() / config.grad_accum
+                    raise diverged("training loss", loss, state.step + 1, describe_saved())
+                if config.grad_clip > 0:  # every trained parameter, distill.py's projection included
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                raw_model.set_step(state.step)
+                progress.update(1)
 
-            last = state.step == config.max_iters
-            if state.step % config.log_interval == 0 or last:
-                record = {"step": state.step, **mean_metrics(metrics, config, dist), "lr": lr,
-                          "tokens_per_s": round(timer.rate(state.step))}
-                if dist.is_main:
-                    log_metrics(out_dir, record)
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,}")
-            if (state.step % config.eval_interval == 0 or last) and dist.is_main:
-                result = evaluate_and_save()
-                timer.restart(state.step)  # evaluation time is not training throughput
-    except KeyboardInterrupt:
+                last = state.step == config.max_iters
+                if state.step % config.log_interval == 0 or last:
+                    record = {"step": state.step, **mean_metrics(metrics, config, dist), "lr": lr,
+                              "tokens_per_s": round(timer.rate(state.step))}
+                    if dist.is_main:
+                        log.write(record)
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,}")
+                if (state.step % config.eval_interval == 0 or last) and dist.is_main:
+                    result = evaluate_and_save()
+                    timer.restart(state.step)  # evaluation time is not training throughput
+                if not last and stop.requested(dist, device):  # a signal: save here, between two steps
+                    progress.close()  # before the message, so the bar does not overwrite it
+                    if dist.is_main:
+                        if saved["step"] != state.step:
+                            save()
+                        print(f"stopped by {signal.Signals(stop.signum).name} at step {state.step}: "
+                              f"saved {ckpt_path}; continue with --resume")
+                    sys.exit(stop.exit_status)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now, maybe mid-step, so nothing is saved
         progress.close()
-        if dist.is_main:
-            save_checkpoint(make_checkpoint(raw_model, optimizer, config, state, dataset.meta), out_dir / CHECKPOINT_NAME)
-            print(f"interrupted at step {state.step}: saved {out_dir / CHECKPOINT_NAME}; continue with --resume")
+        print(f"interrupted twice: stopped without saving; the last checkpoint: {describe_saved() or 'none written'}")
         sys.exit(130)
-    progress.close()
+    finally:
+        progress.close()
     return result
 
 
@@ -447,9 +442,7 @@ def setup(config, model_config, checkpoint=None):
         raise UserError(f"--grad_accum={config.grad_accum} micro-batches per step cannot be split over "
                         f"{dist.world_size} processes: make it a multiple of {dist.world_size}")
     if device == "cpu":
-        # processes on one machine share its cores
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(config.threads or max(1, os.cpu_count() // local_processes))
+        set_cpu_threads(config.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     else:
         if dist.world_size > 1:
             device = f"cuda:{dist.local_rank}"
@@ -457,12 +450,12 @@ def setup(config, model_config, checkpoint=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dataset = load_dataset(config.dataset, model_config.block_size)
-    for key, value in model_keys_from_data(dataset.meta).items():
-        if checkpoint is None:
+    if checkpoint is None:
+        for key, value in model_keys_from_data(dataset.meta).items():
             setattr(model_config, key, value)
-        elif getattr(model_config, key) != value:
-            raise UserError(f"the checkpoint's {key} ({getattr(model_config, key)}) does not match "
-                            f"{config.dataset}'s ({value}): resume on the data it was trained on")
+    else:
+        check_same_data(checkpoint["data_meta"], dataset.meta, config.dataset)
+    check_memory(model_config, config.batch_size, device)
     torch.manual_seed(config.seed)  # the same initial weights in every process
     model = GPT(model_config).to(device)
     optimizer = make_optimizer(model, config, device)
@@ -475,7 +468,8 @@ def setup(config, model_config, checkpoint=None):
         counts = model.num_params()
         print(f"model: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head, {counts['core']:,} core); "
               f"data: {config.dataset} ({dataset.meta['tokenization']}, {len(dataset.train):,} train tokens); "
-              f"device: {device}" + (f" x {dist.world_size} processes" if dist.world_size > 1 else ""))
+              f"device: {device}" + (f" x {dist.world_size} processes" if dist.world_size > 1 else "")
+              + (f", {torch.get_num_threads()} threads" if device == "cpu" else ""))
     return dist, device, dataset, model, optimizer, state
 
 

@@ -32,6 +32,7 @@ import http.client
 import io
 import json
 import os
+import re
 import sys
 import sysconfig
 import urllib.request
@@ -53,6 +54,7 @@ STDLIB_CORPUS_BYTES = 3_000_000  # about 3x tinyshakespeare: enough text to lear
 UTF8_MAX_CONTINUATION = 3  # a UTF-8 character is one lead byte and at most 3 continuation bytes
 TOKENIZATIONS = ("bytes", "bpe", "hf", "pooled")
 TOKEN_BYTES_NAME = "token_bytes.npy"  # bytes of text per token id, read by train.py for bits per byte
+ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as the "surrogateescape" decoder writes it
 
 
 @dataclass
@@ -135,6 +137,20 @@ def default_corpus(data_dir=DATA_DIR):
 
 # ----------------------------------------------------------------------------
 # splitting and tokenizing
+
+def warn_if_not_utf8(data, corpus, tokenization):
+    """Binary input (an executable) or another encoding (latin-1) is legal but rarely meant: say what happens to it."""
+    try:
+        data.decode("utf-8")
+        return 0
+    except UnicodeDecodeError:
+        pass
+    invalid = len(ESCAPED_BYTE.findall(data.decode("utf-8", errors="surrogateescape")))
+    print(f"warning: {invalid:,} of {len(data):,} bytes of {corpus} are not UTF-8 (binary, or another encoding?): "
+          "bytes and pooled keep every byte as it is; bpe and hf replace each invalid sequence with U+FFFD, "
+          f"so they train on altered text (this run: {tokenization})", file=sys.stderr)
+    return invalid
+
 
 def split_point(data, fraction):
     """
@@ -237,6 +253,7 @@ def prepare(config):
         data, corpus, sources = default_corpus(data_dir)
     if not data:
         raise UserError(f"the corpus ({corpus}) is empty: nothing to train on")
+    warn_if_not_utf8(data, corpus, config.tokenization)
 
     cut = split_point(data, config.val_fraction)
     if cut == 0 or cut == len(data):

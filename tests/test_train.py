@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -115,24 +117,25 @@ def test_resume_matches_an_uninterrupted_run(dataset, tmp_path):
         assert torch.equal(tensor, resumed["model"][name]), name
 
 
-def test_interrupt_saves_a_checkpoint_to_resume_from(dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_at_the_next_step_boundary(dataset, tmp_path, signum):
+    """Ctrl-C or SIGTERM in the middle of step 8 lets that step finish, then saves it: never half a step."""
     calls = []
 
-    def interrupting_loss(model, x, y):
+    def signalling_loss(model, x, y):
         calls.append(1)
         if len(calls) == 8:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)  # arrives mid-step, as a real one would
         return train.language_model_loss(model, x, y)
 
     config, model_config, _ = train.configure(["--dataset=" + dataset, "--out_dir=" + str(tmp_path), *TINY])
-    data = train.load_dataset(config.dataset, model_config.block_size)
-    model_config.vocab_size = data.meta["vocab_size"]
-    model = GPT(model_config)
-    optimizer = train.make_optimizer(model, config, "cpu")
-    state = train.TrainState()
-    with pytest.raises(SystemExit):
-        train.train_loop(model, optimizer, data, config, state, "cpu", loss_fn=interrupting_loss)
-    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
+    _, device, data, model, optimizer, state = train.setup(config, model_config)
+    with pytest.raises(SystemExit) as stopped:
+        train.train_loop(model, optimizer, data, config, state, "cpu", loss_fn=signalling_loss)
+    assert stopped.value.code == 128 + signum
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 8
+    assert signal.getsignal(signum) is not None and signal.getsignal(signum) == {
+        signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}[signum]  # handlers restored
 
 
 # ----------------------------------------------------------------------------
