@@ -173,6 +173,16 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions already stored
+        # a one-token step at a position held in a tensor (static_step): the same shapes at
+        # every position, so torch.compile builds one graph for all of them
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.visible = torch.zeros(1, config.block_size, dtype=torch.bool, device=device)
+        self._slots = torch.arange(config.block_size, device=device)
+
+    def begin_static_step(self):
+        """Point the static step at the next free position; the caller then calls static_step once."""
+        self.position.fill_(self.length)
+        torch.le(self._slots, self.length, out=self.visible[0])
 
     def store(self, slot, k, v):
         """Append this step's keys/values for one slot; return all of them so far."""
@@ -193,7 +203,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.qk_norm = config.qk_norm
 
-    def forward(self, x, rotary=None, cache=None, slot=0):
+    def forward(self, x, rotary=None, cache=None, slot=0, static=False):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
@@ -207,6 +217,12 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         start = 0
+        if static:  # one token at cache.position: write it there, attend to every slot up to it
+            cache.k[slot].index_copy_(2, cache.position, k)
+            cache.v[slot].index_copy_(2, cache.position, v)
+            y = F.scaled_dot_product_attention(q, cache.k[slot], cache.v[slot], attn_mask=cache.visible,
+                                               enable_gqa=self.n_kv_head != self.n_head)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         if cache is not None:
             start = cache.length
             k, v = cache.store(slot, k, v)
@@ -275,8 +291,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, affine=not config.ffn_norm_folded)
         self.mlp = ffn
 
-    def forward(self, x, rotary=None, cache=None, slot=0):
-        x = x + self.attn(self.ln_1(x), rotary, cache, slot)
+    def forward(self, x, rotary=None, cache=None, slot=0, static=False):
+        x = x + self.attn(self.ln_1(x), rotary, cache, slot, static)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -341,30 +357,45 @@ class GPT(nn.Module):
             if isinstance(module, reparam.RepAnnealFFN):
                 module.steps_done.fill_(steps_done)
 
-    def hidden_states(self, idx, cache=None):
+    def hidden_states(self, idx, cache=None, static=False):
         """
         Final-norm outputs (B, T, n_embd) for token ids idx (B, T), or chunks
-        (B, T, L) for a pooled model, continuing `cache` if given.
+        (B, T, L) for a pooled model, continuing `cache` if given. static: one
+        token at cache.position (see static_step); the caller advances the cache.
         """
         T = idx.size(1)
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if static:
+            positions = cache.position
+        else:
+            start = cache.length if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(positions)
         rotary = None
         if self.config.pos == "rope":
-            rotary = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rotary = (self.rope_cos[positions], self.rope_sin[positions])
         x = self.drop(x)
         slot = 0
         for block in self.h:
             for _ in range(self.config.block_repeat):
-                x = block(x, rotary, cache, slot)
+                x = block(x, rotary, cache, slot, static)
                 slot += 1
-        if cache is not None:
+        if cache is not None and not static:
             cache.length += T
         return self.ln_f(x)
+
+    def static_step(self, token, cache):
+        """
+        The final hidden state (B, n_embd) of one token (B, 1) at cache.position,
+        its keys and values written into the cache: the same shapes at every
+        position, so a torch.compile'd static_step (generate_stream's
+        compile=True) runs one fused graph per token instead of ~570 small ops.
+        Call cache.begin_static_step() first, and count the token after.
+        """
+        return self.hidden_states(token, cache, static=True)[:, -1]
 
     def head(self, h):
         """Token logits from final hidden states, soft-capped when logit_softcap is set."""
@@ -405,7 +436,7 @@ class GPT(nn.Module):
         return pick(self.head(h))
 
     @torch.inference_mode()
-    def generate_stream(self, idx, max_new_tokens, use_cache=True, **sampling):
+    def generate_stream(self, idx, max_new_tokens, use_cache=True, compile=False, **sampling):
         """
         Yield sampled tokens one at a time, (B, 1) each, continuing the prompt idx
         (B, T); a pooled model yields chunks (B, 1, max_chunk_bytes) continuing
@@ -420,7 +451,9 @@ class GPT(nn.Module):
           every earlier token of the window. So when the window is full, the
           cache is refilled from its newest half (one prefill every
           block_size / 2 tokens), and the model sees between block_size / 2
-          and block_size tokens.
+          and block_size tokens. compile=True runs each one-token step through
+          a torch.compile'd static_step: several times faster per token, after
+          a compilation of tens of seconds (torch caches it on disk for later runs).
         """
         block_size = self.config.block_size
         if not use_cache:
@@ -434,8 +467,15 @@ class GPT(nn.Module):
         window = idx[:, -block_size:]  # the tokens the model conditions on
         cache = KVCache(self.config, idx.size(0), idx.device, self.ln_f.weight.dtype)
         unseen = window  # tokens the cache has not seen yet
+        step = compiled_static_step(self) if compile and self.config.embedder == "tokens" else None
         for _ in range(max_new_tokens):
-            token = self.next_token(self.hidden_states(unseen, cache)[:, -1], **sampling)
+            if step is not None and unseen.size(1) == 1:
+                cache.begin_static_step()
+                h = step(unseen, cache)
+                cache.length += 1
+            else:  # the prompt, a refill, or no compiled step
+                h = self.hidden_states(unseen, cache)[:, -1]
+            token = self.next_token(h, **sampling)
             yield token
             window, unseen = torch.cat([window, token], dim=1), token
             if window.size(1) > block_size:  # full: refill the cache from the newest half
@@ -446,6 +486,13 @@ class GPT(nn.Module):
         """The prompt followed by max_new_tokens sampled tokens, as one (B, T + new) tensor."""
         new = list(self.generate_stream(idx, max_new_tokens, **sampling))
         return torch.cat([idx, *new], dim=1)
+
+
+def compiled_static_step(model):
+    """model.static_step compiled for fixed shapes (one per model: torch reuses it across calls)."""
+    if getattr(model, "_compiled_static_step", None) is None:
+        model._compiled_static_step = torch.compile(model.static_step, dynamic=False, fullgraph=True)
+    return model._compiled_static_step
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
