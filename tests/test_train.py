@@ -279,3 +279,20 @@ def test_time_budget_stops_within_one_step_and_ends_at_min_lr(dataset, tmp_path,
     # step 2 starts after 1 step of 0.25 s and is predicted to end at 0.5 s: a sixth of the budget
     cosine = config.min_lr + (config.learning_rate - config.min_lr) * 0.5 * (1 + math.cos(math.pi / 6))
     assert lrs[:2] == [config.learning_rate / 2, pytest.approx(cosine)]  # warmup, then the cosine over time
+
+
+def test_compiled_training_and_decoding_equal_eager(dataset, tmp_path):
+    """One test for both: compiling is slow. Tolerance: float32 reassociation in fused kernels, 1e-4."""
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C compiler (cc or gcc), and none is installed")
+    eager = run_train(dataset, tmp_path / "eager", "--max_iters=3", "--ffn=relu2", "--qk_norm=true", "--optimizer=muon")
+    compiled = run_train(dataset, tmp_path / "compiled", "--max_iters=3", "--ffn=relu2", "--qk_norm=true",
+                         "--optimizer=muon", "--compile=true")
+    for name, tensor in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][name], tensor, atol=1e-4, rtol=1e-4, msg=name)
+    model = GPT(GPTConfig(**eager["model_config"])).eval()
+    model.load_state_dict(eager["model"])
+    prompt = torch.tensor([[1, 2, 3]])
+    # 40 tokens pass the 16-token context twice: prefills and refills stay eager, each single step is compiled
+    assert torch.equal(model.generate(prompt, 40, temperature=0, compile=True), model.generate(prompt, 40, temperature=0))
