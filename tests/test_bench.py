@@ -181,3 +181,11 @@ def test_cuda_prefill_and_decode_with_and_without_graphs():
     for graphs in (False, True):
         assert bench.time_prefill(model, 8, repeats=3, warmup=1, cuda_graphs=graphs)["median_ms"] > 0
         assert bench.time_decode(model, 8, repeats=3, warmup=1, cuda_graphs=graphs)["median_ms"] > 0
+
+
+def test_ingredient_step_times_cover_each_ingredient():
+    timings = bench.time_ingredients(list(bench.INGREDIENTS), batch_size=2, seq_len=8, rounds=2, warmup=1)
+    assert list(timings) == list(bench.INGREDIENTS)
+    assert all(0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"] for t in timings.values())
+    table = bench.ingredient_table(timings, 2, 8)
+    assert table.count("\n") == len(bench.INGREDIENTS) + 1 and "| muon |" in table
