@@ -98,7 +98,8 @@ def configure(argv, extra_configs=(), usage=__doc__):
         checkpoint = load_checkpoint(Path(config.out_dir) / CHECKPOINT_NAME)
         # the stored run's settings, except what this command line changes (e.g. a longer --max_iters)
         train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(**{**checkpoint["train_config"], **{k: v for k, v in assigned.items() if k in train_keys}})
+        stored = {**PRE_MUON_DEFAULTS, **checkpoint["train_config"]}  # a checkpoint from before --optimizer used AdamW
+        config = TrainConfig(**{**stored, **{k: v for k, v in assigned.items() if k in train_keys}})
         model_config = GPTConfig(**checkpoint["model_config"])
     else:
         model_config = preset_config(config.preset, **model_overrides)
@@ -110,6 +111,9 @@ def configure(argv, extra_configs=(), usage=__doc__):
     if config.max_seconds < 0:
         raise UserError(f"--max_seconds must be 0 (off) or positive, got {config.max_seconds}")
     return config, model_config, checkpoint
+
+
+PRE_MUON_DEFAULTS = {"optimizer": "adamw"}
 
 
 def pick_device(name):
