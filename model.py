@@ -471,7 +471,7 @@ class GPT(nn.Module):
         unseen = window  # tokens the cache has not seen yet
         step = compiled_static_step(self) if compile and self.config.embedder == "tokens" else None
         for _ in range(max_new_tokens):
-            if step is not None and unseen.size(1) == 1:
+            if step is not None and unseen.size(1) == 1 and cache.length > 0:  # a sampled token: the prompt stays eager
                 cache.begin_static_step()
                 h = step(unseen, cache)
                 cache.length += 1
