@@ -78,6 +78,7 @@ class BenchConfig:
     cuda_graphs: bool = False  # replay prefill/decode as CUDA graphs (one launch instead of hundreds)
     seed: int = 0
     out: str = "out-bench/bench.json"  # the JSON report
+    ingredients: str = ""  # only time a training step per ingredient (e.g. all, or relu2,muon): see INGREDIENTS
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -251,6 +252,65 @@ def time_train_step(model, batch_size, seq_len, dtype, repeats=3):
     timing = time_fn(step, repeats, TRAIN_WARMUP, device)
     tokens_per_s = batch_size * seq_len / (timing["median_ms"] / 1000)
     return {**timing, "batch_size": batch_size, "seq_len": seq_len, "tokens_per_s": tokens_per_s}
+
+
+# ----------------------------------------------------------------------------
+# what each training-speed ingredient costs per step
+
+# name -> (GPTConfig overrides, TrainConfig overrides), each applied alone to the baseline:
+# nanoGPT's recipe at cpu-tiny (GELU, no QK-norm, AdamW, float32)
+INGREDIENT_BASELINE = ({"ffn": "gelu", "qk_norm": False, "logit_softcap": 0.0}, {"optimizer": "adamw", "bf16": False})
+INGREDIENTS = {
+    "baseline": ({}, {}),
+    "relu2": ({"ffn": "relu2"}, {}),
+    "qk_norm": ({"qk_norm": True}, {}),
+    "softcap": ({"logit_softcap": 15.0}, {}),
+    "muon": ({}, {"optimizer": "muon"}),
+    "bf16": ({}, {"bf16": True}),
+}
+
+
+def time_ingredients(names, batch_size, seq_len, rounds, warmup=3):
+    """
+    Median ms per training step (train.py's step: forward, backward, clipping,
+    optimizer) of cpu-tiny with each ingredient, timed round-robin so that a
+    change in machine load hits every ingredient alike.
+    """
+    import train  # only this measurement needs train.py
+    steps = {}
+    for name in names:
+        model_keys, train_keys = ({**INGREDIENT_BASELINE[i], **INGREDIENTS[name][i]} for i in (0, 1))
+        train_config = train.TrainConfig(**train_keys)
+        model = GPT(preset_config("cpu-tiny", **model_keys)).train()
+        optimizer = train.make_optimizer(model, train_config, "cpu")
+        x, y = (torch.randint(0, model.config.vocab_size, (batch_size, seq_len)) for _ in range(2))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if train_config.bf16 else contextlib.nullcontext()
+
+        def step(model=model, optimizer=optimizer, x=x, y=y, autocast=autocast, clip=train_config.grad_clip):
+            with autocast:
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        steps[name] = step
+    samples = {name: [] for name in names}
+    for i in tqdm(range(warmup + rounds), unit="round", file=sys.stderr):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                samples[name].append(1000 * (time.perf_counter() - t0))
+    return {name: summarize_ms(ms) for name, ms in samples.items()}
+
+
+def ingredient_table(timings, batch_size, seq_len):
+    base = timings.get("baseline", next(iter(timings.values())))["median_ms"]
+    lines = ["| ingredient | ms/step (median) | p10 | p90 | tokens/s | vs baseline |", "|---|---|---|---|---|---|"]
+    for name, t in timings.items():
+        lines.append(f"| {name} | {t['median_ms']:.1f} | {t['p10_ms']:.1f} | {t['p90_ms']:.1f} | "
+                     f"{batch_size * seq_len / t['median_ms'] * 1000:,.0f} | {t['median_ms'] / base:.2f}x |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------
@@ -468,6 +528,16 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     else:
         torch.set_num_threads(config.threads or os.cpu_count())
+    if config.ingredients:
+        names = list(INGREDIENTS) if config.ingredients == "all" else parse_list(config.ingredients, str, "ingredients")
+        unknown = [n for n in names if n not in INGREDIENTS]
+        if unknown:
+            raise UserError(f"--ingredients: unknown {unknown[0]!r}; choose from all, {', '.join(INGREDIENTS)}")
+        seq_len = config.train_len or preset_config("cpu-tiny").block_size
+        timings = time_ingredients(names, config.train_batch, seq_len, config.repeats)
+        print(environment(device, dtype))
+        print(ingredient_table(timings, config.train_batch, seq_len))
+        return
     # checkpoints alone when only they are named: `--ckpts=a,b` compares a and b
     presets = parse_list(config.presets, str, "presets") if "presets" in assigned or not config.ckpts else []
     variants = build_variants(config, presets, model_overrides, dtype, device)

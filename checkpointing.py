@@ -99,6 +99,7 @@ def load_checkpoint(path, device="cpu"):
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done; with the seed it fixes the data and RNG position
+    seconds: float = 0.0  # wall-clock seconds spent in the loop so far (what --max_seconds budgets)
 
 
 def make_checkpoint(model, optimizer, config, state, meta):
@@ -108,6 +109,7 @@ def make_checkpoint(model, optimizer, config, state, meta):
         "optimizer": optimizer.state_dict(),
         "train_config": dataclasses.asdict(config),
         "step": state.step,
+        "seconds": state.seconds,
         "data_meta": meta,
     }
 
@@ -116,6 +118,7 @@ def restore(checkpoint, model, optimizer, state):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     state.step = checkpoint["step"]
+    state.seconds = checkpoint.get("seconds", 0.0)  # none in checkpoints from before --max_seconds
 
 
 def all_finite(model):

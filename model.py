@@ -50,13 +50,17 @@ class GPTConfig:
     n_head: int = 4
     n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 = n_head
     n_embd: int = 128
-    ffn: str = "gelu"  # gelu | swiglu | linear (one d x d matrix) | rep_linear | rep_parallel | rep_anneal (reparam.py)
+    ffn: str = "gelu"  # gelu | relu2 | swiglu | linear (one d x d matrix) | rep_linear | rep_parallel | rep_anneal (reparam.py)
     ffn_hidden: int = 0  # 0 = 4 * n_embd for gelu, about 8/3 * n_embd for swiglu
     norm: str = "layernorm"  # layernorm | rmsnorm
     pos: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
     bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 has them)
     dropout: float = 0.0
+    # training-speed ingredients (modded-nanogpt, nanochat); each one is off when its key is off
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = no cap
+    zero_init_proj: bool = False  # output projections (attention and FFN c_proj) start at zero
     tie_embeddings: bool = True  # output head shares the input embedding's matrix
     block_repeat: int = 1  # MobileLLM: each block is applied this many times in a row
     share_ffn: bool = False  # STLM: every layer uses the same feed-forward block
@@ -93,7 +97,7 @@ class GPTConfig:
 
     def validate(self):
         """Raise a UserError naming the first inconsistent setting."""
-        choices = {"ffn": ("gelu", "swiglu", *reparam.FFN_TYPES), "norm": ("layernorm", "rmsnorm"),
+        choices = {"ffn": ("gelu", "relu2", "swiglu", *reparam.FFN_TYPES), "norm": ("layernorm", "rmsnorm"),
                    "pos": ("learned", "rope"), "embedder": ("tokens", "pooled"), "pooling": byte_tokenizer.POOLINGS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -110,16 +114,20 @@ class GPTConfig:
             raise UserError(f"--byte_width={self.byte_width} must be divisible by --byte_heads={self.byte_heads}")
         if self.pos == "rope" and self.head_dim % 2:
             raise UserError(f"rotary positions need an even head size, got {self.head_dim}")
+        if self.logit_softcap < 0:
+            raise UserError(f"--logit_softcap must be 0 (off) or positive, got {self.logit_softcap}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         reparam.check_config(self)
 
 
-# Named shapes. `cpu-tiny` is nanoGPT's documented CPU shape; the stlm-* presets
+# Named shapes. `cpu-tiny` is nanoGPT's documented CPU shape, with the fastest
+# ingredients measured at that scale (ReLU squared, QK-norm; turn them off with
+# --ffn=gelu --qk_norm=false for nanoGPT's own model); the stlm-* presets
 # are deep and thin (MobileLLM's finding for small models) and are named by
 # their parameter count at byte level, where the embedding is negligible.
 PRESETS = {
-    "cpu-tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "cpu-tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, ffn="relu2", qk_norm=True),
     "stlm-10m": dict(n_layer=12, n_head=4, n_embd=256, block_size=512, ffn="swiglu", norm="rmsnorm", pos="rope"),
     "stlm-50m": dict(n_layer=16, n_head=8, n_embd=512, block_size=512, ffn="swiglu", norm="rmsnorm", pos="rope"),
     "stlm-100m": dict(n_layer=20, n_head=10, n_embd=640, block_size=512, ffn="swiglu", norm="rmsnorm", pos="rope"),
@@ -164,6 +172,16 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions already stored
+        # a one-token step at a position held in a tensor (static_step): the same shapes at
+        # every position, so torch.compile builds one graph for all of them
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.visible = torch.zeros(1, config.block_size, dtype=torch.bool, device=device)
+        self._slots = torch.arange(config.block_size, device=device)
+
+    def begin_static_step(self):
+        """Point the static step at the next free position; the caller then calls static_step once."""
+        self.position.fill_(self.length)
+        torch.le(self._slots, self.length, out=self.visible[0])
 
     def store(self, slot, k, v):
         """Append this step's keys/values for one slot; return all of them so far."""
@@ -181,18 +199,29 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x, rotary=None, cache=None, slot=0):
+    def forward(self, x, rotary=None, cache=None, slot=0, static=False):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            # QK-norm (Dehghani et al. 2023; modded-nanogpt, nanochat): unit-RMS queries and keys bound
+            # the attention logits, so a high learning rate cannot blow up the softmax
+            q, k = F.rms_norm(q, (self.head_dim,), eps=NORM_EPS), F.rms_norm(k, (self.head_dim,), eps=NORM_EPS)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         start = 0
+        if static:  # one token at cache.position: write it there, attend to every slot up to it
+            cache.k[slot].index_copy_(2, cache.position, k)
+            cache.v[slot].index_copy_(2, cache.position, v)
+            y = F.scaled_dot_product_attention(q, cache.k[slot], cache.v[slot], attn_mask=cache.visible,
+                                               enable_gqa=self.n_kv_head != self.n_head)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         if cache is not None:
             start = cache.length
             k, v = cache.store(slot, k, v)
@@ -209,17 +238,28 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def relu_squared(x):
+    # ReLU squared (So et al. 2021, "Primer"; modded-nanogpt, nanochat): trains better than GELU
+    # in small GPTs, and on a CPU it is two cheap elementwise ops where tanh-GELU is an expensive one
+    return F.relu(x).square()
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")  # GPT-2's approximation, so GPT-2 weights load exactly
+
+
 class MLP(nn.Module):
-    """GELU feed-forward: d -> 4d -> d, with GPT-2's tanh approximation of GELU."""
+    """Feed-forward d -> 4d -> d, with GPT-2's tanh approximation of GELU or (ffn=relu2) ReLU squared."""
 
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.hidden_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.activation = relu_squared if config.ffn == "relu2" else gelu_tanh
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
 class SwiGLU(nn.Module):
@@ -250,8 +290,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, affine=not config.ffn_norm_folded)
         self.mlp = ffn
 
-    def forward(self, x, rotary=None, cache=None, slot=0):
-        x = x + self.attn(self.ln_1(x), rotary, cache, slot)
+    def forward(self, x, rotary=None, cache=None, slot=0, static=False):
+        x = x + self.attn(self.ln_1(x), rotary, cache, slot, static)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -273,7 +313,7 @@ class GPT(nn.Module):
             if config.tie_embeddings:
                 self.lm_head.weight = self.wte.weight
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()  # p=0: not even a call
         shared_ffn = make_ffn(config) if config.share_ffn else None
         self.h = nn.ModuleList([Block(config, shared_ffn or make_ffn(config)) for _ in range(config.n_layer)])
         self.ln_f = make_norm(config)
@@ -288,6 +328,11 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(n_residual_adds))
+                if config.zero_init_proj:
+                    # modded-nanogpt: each block starts as the identity and its gradient
+                    # grows its output from nothing, rather than adding noise to the stream
+                    nn.init.zeros_(p)
+        self.has_step_modules = any(isinstance(m, reparam.RepAnnealFFN) for m in self.modules())
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -305,34 +350,61 @@ class GPT(nn.Module):
 
     def set_step(self, steps_done):
         """Tell modules that follow the training schedule (reparam's annealed FFN) how many steps are done."""
+        if not self.has_step_modules:
+            return  # called every training step: skip walking the modules when none listens
         for module in self.modules():
             if isinstance(module, reparam.RepAnnealFFN):
                 module.steps_done.fill_(steps_done)
 
-    def hidden_states(self, idx, cache=None):
+    def hidden_states(self, idx, cache=None, static=False):
         """
         Final-norm outputs (B, T, n_embd) for token ids idx (B, T), or chunks
-        (B, T, L) for a pooled model, continuing `cache` if given.
+        (B, T, L) for a pooled model, continuing `cache` if given. static: one
+        token at cache.position (see static_step); the caller advances the cache.
         """
         T = idx.size(1)
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if static:
+            positions = cache.position
+        else:
+            start = cache.length if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(positions)
         rotary = None
         if self.config.pos == "rope":
-            rotary = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rotary = (self.rope_cos[positions], self.rope_sin[positions])
         x = self.drop(x)
         slot = 0
         for block in self.h:
             for _ in range(self.config.block_repeat):
-                x = block(x, rotary, cache, slot)
+                x = block(x, rotary, cache, slot, static)
                 slot += 1
-        if cache is not None:
+        if cache is not None and not static:
             cache.length += T
         return self.ln_f(x)
+
+    def static_step(self, token, cache):
+        """
+        The final hidden state (B, n_embd) of one token (B, 1) at cache.position,
+        its keys and values written into the cache: the same shapes at every
+        position, so a torch.compile'd static_step (generate_stream's
+        compile=True) runs one fused graph per token instead of ~570 small ops.
+        Call cache.begin_static_step() first, and count the token after.
+        """
+        return self.hidden_states(token, cache, static=True)[:, -1]
+
+    def head(self, h):
+        """Token logits from final hidden states, soft-capped when logit_softcap is set."""
+        logits = self.lm_head(h)
+        if self.config.logit_softcap:
+            # Gemma 2, modded-nanogpt: a smooth bound on the logits keeps early, overconfident
+            # predictions from dominating the loss; ~tanh's identity for small logits
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def forward(self, idx, targets=None, reduction="mean"):
         """
@@ -349,7 +421,7 @@ class GPT(nn.Module):
                 raise ValueError("a pooled model predicts a chunk's bytes given the chunk: pass targets")
             logits = self.lm_head(h, targets)
             return logits, byte_tokenizer.chunk_loss(logits, targets, reduction)
-        logits = self.lm_head(h)
+        logits = self.head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
@@ -360,10 +432,10 @@ class GPT(nn.Module):
         pick = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)  # noqa: E731
         if self.config.embedder == "pooled":
             return self.lm_head.sample(h, pick)  # the byte decoder picks the chunk byte by byte
-        return pick(self.lm_head(h))
+        return pick(self.head(h))
 
     @torch.inference_mode()
-    def generate_stream(self, idx, max_new_tokens, use_cache=True, **sampling):
+    def generate_stream(self, idx, max_new_tokens, use_cache=True, compile=False, **sampling):
         """
         Yield sampled tokens one at a time, (B, 1) each, continuing the prompt idx
         (B, T); a pooled model yields chunks (B, 1, max_chunk_bytes) continuing
@@ -378,7 +450,9 @@ class GPT(nn.Module):
           every earlier token of the window. So when the window is full, the
           cache is refilled from its newest half (one prefill every
           block_size / 2 tokens), and the model sees between block_size / 2
-          and block_size tokens.
+          and block_size tokens. compile=True runs each one-token step through
+          a torch.compile'd static_step: several times faster per token, after
+          a compilation of tens of seconds (torch caches it on disk for later runs).
         """
         block_size = self.config.block_size
         if not use_cache:
@@ -392,8 +466,15 @@ class GPT(nn.Module):
         window = idx[:, -block_size:]  # the tokens the model conditions on
         cache = KVCache(self.config, idx.size(0), idx.device, self.ln_f.weight.dtype)
         unseen = window  # tokens the cache has not seen yet
+        step = compiled_static_step(self) if compile and self.config.embedder == "tokens" else None
         for _ in range(max_new_tokens):
-            token = self.next_token(self.hidden_states(unseen, cache)[:, -1], **sampling)
+            if step is not None and unseen.size(1) == 1 and cache.length > 0:  # a sampled token: the prompt stays eager
+                cache.begin_static_step()
+                h = step(unseen, cache)
+                cache.length += 1
+            else:  # the prompt, a refill, or no compiled step
+                h = self.hidden_states(unseen, cache)[:, -1]
+            token = self.next_token(h, **sampling)
             yield token
             window, unseen = torch.cat([window, token], dim=1), token
             if window.size(1) > block_size:  # full: refill the cache from the newest half
@@ -404,6 +485,13 @@ class GPT(nn.Module):
         """The prompt followed by max_new_tokens sampled tokens, as one (B, T + new) tensor."""
         new = list(self.generate_stream(idx, max_new_tokens, **sampling))
         return torch.cat([idx, *new], dim=1)
+
+
+def compiled_static_step(model):
+    """model.static_step compiled for fixed shapes (one per model: torch reuses it across calls)."""
+    if getattr(model, "_compiled_static_step", None) is None:
+        model._compiled_static_step = torch.compile(model.static_step, dynamic=False, fullgraph=True)
+    return model._compiled_static_step
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -37,6 +37,7 @@ class SampleConfig:
     top_k: int = 200  # sample among the k likeliest tokens; 0 = all
     top_p: float = 1.0  # nucleus sampling: the likeliest tokens holding this much mass
     use_cache: bool = True  # false recomputes the whole context every token (slow; for comparison)
+    compile: bool = False  # decode through torch.compile: faster per token, after tens of seconds of compiling
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch; 0 = the cores idle at the start (hardware.py)
@@ -69,7 +70,7 @@ def stream_sample(model, prompt_ids, to_bytes, config, generator, out=sys.stdout
     n_tokens = 0
     for token in model.generate_stream(
             idx, config.max_new_tokens, temperature=config.temperature, top_k=config.top_k or None,
-            top_p=config.top_p, use_cache=config.use_cache, generator=generator):
+            top_p=config.top_p, use_cache=config.use_cache, compile=config.compile, generator=generator):
         out.write(decoder.decode(to_bytes(token)))
         out.flush()
         n_tokens += 1

@@ -40,6 +40,7 @@ from checkpointing import (CHECKPOINT_NAME, MetricsLog, StopRequests, TrainState
 from cli import UserError, parse_config, run
 from hardware import Distributed, check_memory, init_distributed, pick_device, set_cpu_threads
 from model import GPT, GPTConfig, load_checkpoint, preset_config, save_checkpoint
+from optim import OPTIMIZERS, TimeBudget, learning_rate, make_optimizer  # noqa: F401 (train.make_optimizer)
 from tokenizer import OFFSETS_DTYPE, ChunkedBytes
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -55,18 +56,23 @@ class TrainConfig:
     out_dir: str = "out"
     resume: bool = False  # continue from out_dir/ckpt.pt
     overwrite: bool = False  # a fresh run may replace the run already in out_dir
-    # optimisation
-    batch_size: int = 12
+    # optimisation: the fastest recipe measured for cpu-tiny on a CPU (README); nanoGPT's is
+    # --optimizer=adamw --batch_size=12 --max_iters=2000 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=100
+    batch_size: int = 24  # Muon's Newton-Schulz costs the same per step at any batch: fewer, larger steps amortize it
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 2000
-    learning_rate: float = 2e-3
-    min_lr: float = 2e-4  # the cosine schedule ends here
-    warmup_iters: int = 100
+    max_iters: int = 700
+    max_seconds: float = 0.0  # a wall-clock budget for the loop: the schedule follows it and max_iters is ignored; 0 = off
+    learning_rate: float = 3e-3  # AdamW's (embeddings, head, norms, biases; everything under --optimizer=adamw)
+    min_lr: float = 3e-4  # the cosine schedule ends here
+    warmup_iters: int = 50
     lr_decay_iters: int = 0  # where the cosine reaches min_lr; 0 = max_iters (of the first run: a resume keeps it)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99  # small models see few tokens per step: a shorter second-moment memory helps
     grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: str = "muon"  # muon (Muon for the core's weight matrices, AdamW for the rest) | adamw
+    muon_lr: float = 0.03  # Muon's learning rate (times sqrt(rows / cols) for tall matrices); follows the schedule
+    muon_momentum: float = 0.95
     # evaluation and logging
     eval_interval: int = 500
     eval_tokens: int = 131072  # validation tokens per evaluation (from the start of val); 0 = all
@@ -75,6 +81,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch; 0 = the cores idle at the start (hardware.py explains why)
     compile: bool = False  # torch.compile: faster steps after a 30-60 s first step
+    bf16: bool = False  # bf16 autocast on CPU too (CUDA always uses it)
     seed: int = 1337
 
 
@@ -99,7 +106,8 @@ def configure(argv, extra_configs=(), usage=__doc__):
             raise UserError(f"--resume takes the model's shape from the checkpoint; drop --{next(iter(model_overrides))}")
         checkpoint = load_checkpoint(Path(config.out_dir) / CHECKPOINT_NAME)
         # the stored run's settings, except what this command line changes (e.g. a longer --max_iters)
-        config = TrainConfig(**resumed_settings(checkpoint, {f.name for f in dataclasses.fields(TrainConfig)}, assigned))
+        stored = {**checkpoint, "train_config": {**PRE_MUON_DEFAULTS, **checkpoint["train_config"]}}
+        config = TrainConfig(**resumed_settings(stored, {f.name for f in dataclasses.fields(TrainConfig)}, assigned))
         model_config = GPTConfig(**checkpoint["model_config"])
         check_resume_step(config, checkpoint)
         if not config.lr_decay_iters:  # a checkpoint from before the schedule was stored: its own max_iters
@@ -129,6 +137,16 @@ def check_train_config(config):
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(config, key) < 1:
             raise UserError(f"--{key} must be in [0, 1), got {getattr(config, key)}")
+    if config.optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer={config.optimizer} is not one of {', '.join(OPTIMIZERS)}")
+    if not (math.isfinite(config.muon_lr) and config.muon_lr > 0) or not 0 <= config.muon_momentum < 1:
+        raise UserError(f"--muon_lr must be positive and --muon_momentum in [0, 1), got {config.muon_lr} "
+                        f"and {config.muon_momentum}")
+    if not (math.isfinite(config.max_seconds) and config.max_seconds >= 0):
+        raise UserError(f"--max_seconds must be 0 (off) or positive, got {config.max_seconds}")
+
+
+PRE_MUON_DEFAULTS = {"optimizer": "adamw"}  # a checkpoint from before --optimizer was trained with AdamW
 
 
 # ----------------------------------------------------------------------------
@@ -224,31 +242,6 @@ def evaluate(model, data, token_bytes, block_size, max_tokens=0, batch_size=64, 
     return {"val_loss": total_nats / total_tokens, "val_bpb": total_nats / (math.log(2) * total_bytes)}
 
 
-# ----------------------------------------------------------------------------
-# optimisation
-
-def learning_rate(step, config):
-    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
-    decay_iters = config.lr_decay_iters or config.max_iters
-    if step < config.warmup_iters:
-        return config.learning_rate * (step + 1) / config.warmup_iters
-    if step >= decay_iters:
-        return config.min_lr
-    progress = (step - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
-
-
-def make_optimizer(model, config, device):
-    # decay matrices only: biases and norm gains are scales, not features to shrink
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2),
-                             fused=device.startswith("cuda"))
-
-
 def language_model_loss(model, x, y):
     """The default loss: next-token cross-entropy. distill.py passes its own with the same signature."""
     _, loss = model(x, y)
@@ -282,7 +275,11 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
     """
     raw_model = model
     model, eval_model = wrap_model(model, config, device, dist)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    autocast = contextlib.nullcontext()
+    if device.startswith("cuda"):
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    elif config.bf16:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     out_dir = Path(config.out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     log = None
@@ -305,7 +302,7 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
                           config.eval_tokens, autocast=autocast)
         if not math.isfinite(result["val_loss"]):
             raise diverged("validation loss", result["val_loss"], state.step, describe_saved())
-        log.write({"step": state.step, **result})
+        log.write({"step": state.step, "seconds": round(state.seconds, 2), **result})
         tqdm.write(f"step {state.step}: val loss {result['val_loss']:.4f}, val {result['val_bpb']:.4f} bits per byte")
         save()
         return result
@@ -314,14 +311,19 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
     raw_model.set_step(state.step)
     tokens_per_step = config.batch_size * config.grad_accum * raw_model.config.block_size
     timer = Throughput(tokens_per_step, state.step)
-    progress = tqdm(total=config.max_iters, initial=state.step, unit="step", dynamic_ncols=True, disable=not dist.is_main)
+    budget = TimeBudget(config.max_seconds, state.seconds)
+    last_step = config.max_iters if not budget else None  # under a budget, known when the budget is reached
+    progress = tqdm(total=last_step, initial=state.step, unit="step", dynamic_ncols=True, disable=not dist.is_main)
     result = None
     try:
         with StopRequests() as stop:
-            while state.step < config.max_iters:
-                lr = learning_rate(state.step, config)
+            while last_step is None or state.step < last_step:
+                budget_spent = budget.spent_after_next_step(dist) if budget else None
+                if budget_spent is not None and budget_spent >= 1.0:
+                    last_step = state.step + 1  # the budget ends with this step, taken at min_lr
+                lr = learning_rate(state.step, config, budget_spent)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 metrics = accumulate_gradients(model, raw_model.config.block_size, dataset, config, state, device,
                                                dist, loss_fn, batch_fn, autocast)
                 if not torch.isfinite(metrics["loss"]):  # checked before optimizer.step: the weights are still good
@@ -329,14 +331,15 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
                     raise diverged("training loss", loss, state.step + 1, describe_saved())
                 if config.grad_clip > 0:  # every trained parameter, distill.py's projection included
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   config.grad_clip)
+                                                   config.grad_clip, foreach=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
+                state.seconds = budget.tick()
                 raw_model.set_step(state.step)
                 progress.update(1)
 
-                last = state.step == config.max_iters
+                last = state.step == last_step
                 if state.step % config.log_interval == 0 or last:
                     record = {"step": state.step, **mean_metrics(metrics, config, dist), "lr": lr,
                               "tokens_per_s": round(timer.rate(state.step))}
@@ -345,6 +348,7 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
                         progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,}")
                 if (state.step % config.eval_interval == 0 or last) and dist.is_main:
                     result = evaluate_and_save()
+                    state.seconds = budget.tick(was_step=False)  # evaluation counts against the budget
                     timer.restart(state.step)  # evaluation time is not training throughput
                 if not last and stop.requested(dist, device):  # a signal: save here, between two steps
                     progress.close()  # before the message, so the bar does not overwrite it

@@ -209,3 +209,11 @@ def test_cuda_prefill_and_decode_compute_the_models_logits(monkeypatch, cuda_gra
             reference = model(prompt)[0][:, -1]
             for _ in range(2):  # a replay rewrites its output in place: the same logits every call
                 torch.testing.assert_close(timed[-1]().clone(), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_ingredient_step_times_cover_each_ingredient():
+    timings = bench.time_ingredients(list(bench.INGREDIENTS), batch_size=2, seq_len=8, rounds=2, warmup=1)
+    assert list(timings) == list(bench.INGREDIENTS)
+    assert all(0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"] for t in timings.values())
+    table = bench.ingredient_table(timings, 2, 8)
+    assert table.count("\n") == len(bench.INGREDIENTS) + 1 and "| muon |" in table

@@ -71,10 +71,11 @@ VARIANTS = {
     "block_repeat": dict(block_repeat=2),
     "share_ffn": dict(share_ffn=True),
     "stlm-like": dict(pos="rope", ffn="swiglu", norm="rmsnorm", n_kv_head=2, block_repeat=2, share_ffn=True),
+    "speed-recipe": dict(ffn="relu2", qk_norm=True, logit_softcap=15.0),  # zero_init_proj: its own test
 }
 VARIANT_PARAMS = [pytest.param(v, id=k) for k, v in VARIANTS.items()]
 CACHE_VARIANTS = [pytest.param(VARIANTS[k], id=k) for k in ("learned-gelu-layernorm", "rope", "gqa", "mqa-rope",
-                                                            "block_repeat", "stlm-like")]
+                                                            "block_repeat", "stlm-like", "speed-recipe")]
 
 
 # ----------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_cache_in_pieces_matches_full_forward(variant):
     assert cache.length == T
     states = torch.cat(pieces, dim=1)
     torch.testing.assert_close(states, full_states, atol=1e-5, rtol=0)
-    torch.testing.assert_close(model.lm_head(states), full_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.head(states), full_logits, atol=1e-5, rtol=0)
 
 
 def test_cache_slots_and_heads():
@@ -488,7 +489,7 @@ def test_gradients_and_an_adamw_step_match_hugging_face_gpt2():
     for name, mine, as_ours, theirs in pairs:
         torch.testing.assert_close(mine.grad, as_ours(theirs.grad), atol=1e-5, rtol=1e-4, msg=name)
     # train.py's optimizer on ours; torch's AdamW with the documented groups (matrices decay) on the reference
-    config = train.TrainConfig()
+    config = train.TrainConfig(optimizer="adamw")
     train.make_optimizer(ours, config, "cpu").step()
     groups = [{"params": [p for p in hf.parameters() if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in hf.parameters() if p.dim() < 2], "weight_decay": 0.0}]
@@ -595,7 +596,7 @@ def test_sampling_is_reproducible_with_a_generator():
 @pytest.mark.parametrize("overrides, message", [
     (dict(n_embd=30, n_head=4), r"--n_embd=30 must be divisible by --n_head=4"),
     (dict(n_head=4, n_kv_head=3), r"--n_head=4 must be divisible by --n_kv_head=3"),
-    (dict(ffn="relu"), r"--ffn=relu is not one of gelu, swiglu"),
+    (dict(ffn="relu"), r"--ffn=relu is not one of gelu, relu2, swiglu"),
     (dict(norm="batchnorm"), r"--norm=batchnorm is not one of layernorm, rmsnorm"),
     (dict(pos="alibi"), r"--pos=alibi is not one of learned, rope"),
     (dict(n_layer=0), r"--n_layer must be at least 1"),
@@ -730,3 +731,56 @@ def test_cuda_matches_cpu_and_its_cache_matches_full_forward(variant):
     prompt = random_ids(2, 5).cuda()
     assert torch.equal(gpu_model.generate(prompt, 40, temperature=0),
                        half_window_reference(gpu_model, prompt, 40, temperature=0))
+
+
+# ----------------------------------------------------------------------------
+# training-speed ingredients, each against a hand-written reference
+
+def test_relu_squared_ffn_by_hand():
+    model = lively_model(ffn="relu2")
+    mlp, x = model.h[0].mlp, torch.randn(2, 5, 32)
+    hidden = x @ mlp.c_fc.weight.T
+    expected = (torch.where(hidden > 0, hidden, 0.0) * torch.where(hidden > 0, hidden, 0.0)) @ mlp.c_proj.weight.T
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), expected, atol=1e-6)
+
+
+def test_qk_norm_attention_by_hand():
+    model = lively_model(qk_norm=True)
+    attn, (B, T, C, H) = model.h[0].attn, (2, 7, 32, 4)
+    D = C // H
+    x = torch.randn(B, T, C)
+    q, k, v = (x @ attn.c_attn.weight.detach().T).split(C, dim=-1)
+    y = torch.zeros(B, T, C)
+    for b in range(B):
+        for h in range(H):
+            heads = slice(h * D, (h + 1) * D)
+            # each head's query and key rows scaled to unit root-mean-square
+            qh = q[b, :, heads] / (q[b, :, heads].pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+            kh = k[b, :, heads] / (k[b, :, heads].pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+            for t in range(T):
+                scores = torch.tensor([qh[t] @ kh[s] / math.sqrt(D) for s in range(t + 1)])
+                y[b, t, heads] = scores.softmax(0) @ v[b, :t + 1, heads]
+    with torch.no_grad():
+        assert torch.allclose(attn(x), y @ attn.c_proj.weight.detach().T, atol=1e-5)
+
+
+def test_logit_softcap_by_hand():
+    capped, plain = lively_model(logit_softcap=2.0), lively_model()
+    plain.load_state_dict(capped.state_dict())
+    idx = random_ids(2, 9)
+    with torch.no_grad():
+        raw, capped_logits = plain(idx)[0], capped(idx)[0]
+    assert raw.abs().max() > 2.0  # the cap is reached
+    assert torch.allclose(capped_logits, 2.0 * torch.tanh(raw / 2.0), atol=1e-6)
+    assert capped_logits.abs().max() < 2.0
+
+
+def test_zero_init_projections_start_each_block_as_the_identity():
+    model = tiny_model(zero_init_proj=True)
+    zeroed = [name for name, p in model.named_parameters() if p.dim() == 2 and not p.any()]
+    assert zeroed == [f"h.{i}.{part}.c_proj.weight" for i in range(2) for part in ("attn", "mlp")]
+    idx = random_ids(2, 9)
+    with torch.no_grad():
+        x = model.wte(idx) + model.wpe(torch.arange(9))
+        assert torch.allclose(model.hidden_states(idx), model.ln_f(x), atol=1e-6)

@@ -106,10 +106,12 @@ def test_training_lowers_the_loss_and_logs(dataset, tmp_path):
     assert checkpoint["step"] == 60 and checkpoint["data_meta"]["tokenization"] == "bytes"
 
 
-def test_resume_matches_an_uninterrupted_run(dataset, tmp_path):
-    straight = run_train(dataset, tmp_path / "straight", "--max_iters=30", "--dropout=0.1")
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+def test_resume_matches_an_uninterrupted_run(dataset, tmp_path, optimizer):
+    straight = run_train(dataset, tmp_path / "straight", "--max_iters=30", "--dropout=0.1", "--optimizer=" + optimizer)
     # the same schedule (decay over 30 steps), stopped at 15 and resumed
-    run_train(dataset, tmp_path / "split", "--max_iters=15", "--lr_decay_iters=30", "--dropout=0.1")
+    run_train(dataset, tmp_path / "split", "--max_iters=15", "--lr_decay_iters=30", "--dropout=0.1",
+              "--optimizer=" + optimizer)
     train.main(["--out_dir=" + str(tmp_path / "split"), "--resume", "--max_iters=30"])
     resumed = load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert resumed["step"] == 30
@@ -198,16 +200,102 @@ def test_prepare_train_sample_end_to_end(tmp_path, corpus_text):
     assert "tokens/s" in stats
 
 
-def test_clipping_covers_every_parameter_the_optimizer_trains(dataset, monkeypatch):
+def test_clipping_covers_every_parameter_the_optimizer_trains(dataset, tmp_path, monkeypatch):
     """distill.py trains a projection beside the model: its gradients must be clipped with the model's."""
     config, model_config, _ = train.configure(["--dataset=" + dataset, *TINY, "--max_iters=1", "--eval_interval=1"])
     _, device, data, model, _, state = train.setup(config, model_config)
     extra = torch.nn.Linear(4, 4)
     optimizer = train.make_optimizer(torch.nn.ModuleList([model, extra]), config, device)
     clipped = []
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: clipped.extend(params))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, **options: clipped.extend(params))
     monkeypatch.setattr(train, "save_checkpoint", lambda *args: None)
-    config.out_dir = str(Path(dataset) / "unused")
+    config.out_dir = str(tmp_path / "out")
     train.train_loop(model, optimizer, data, config, state, device)
     assert {id(p) for p in extra.parameters()} <= {id(p) for p in clipped}
     assert {id(p) for p in model.parameters()} <= {id(p) for p in clipped}
+
+
+# ----------------------------------------------------------------------------
+# Muon and the time budget
+
+def test_muon_gets_exactly_the_core_matrices():
+    config = train.TrainConfig(optimizer="muon")
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, bias=True))
+    adamw, muon = train.make_optimizer(model, config, "cpu").optimizers
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in (*adamw.param_groups, *muon.param_groups)]
+    core_matrices = [f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert groups[0] == ["wte.weight", "wpe.weight"]  # AdamW, decayed; the tied head is wte
+    assert groups[1] == [f"h.{i}.{m}" for i in range(2) for m in (  # AdamW, not decayed
+        "ln_1.weight", "ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+        "mlp.c_fc.bias", "mlp.c_proj.bias")] + ["ln_f.weight", "ln_f.bias"]
+    assert [name for group in groups[2:] for name in group] == core_matrices  # Muon, one matrix per group
+    assert [g.get("row_blocks") for g in muon.param_groups] == [[32, 32, 32], None, None, None] * 2
+    assert all(g["lr_scale"] == config.muon_lr / config.learning_rate for g in muon.param_groups)
+
+
+def test_muon_step_equals_torch_muon_on_separate_q_k_v():
+    # our Muon with bf16 Newton-Schulz is torch.optim.Muon's arithmetic, with the fused q/k/v
+    # matrix orthogonalized as three separate matrices: torch's Muon on three parameters is the reference
+    torch.manual_seed(0)
+    fused = torch.randn(96, 32, requires_grad=True)
+    parts = [p.detach().clone().requires_grad_() for p in fused.detach().split(32)]
+    ours = train.Muon([{"params": [fused], "row_blocks": [32, 32, 32]}], ns_dtype=torch.bfloat16, lr=0.05)
+    reference = torch.optim.Muon(parts, lr=0.05)
+    for _ in range(3):  # momentum carries over steps
+        grad = torch.randn(96, 32)
+        fused.grad = grad.clone()
+        for part, g in zip(parts, grad.split(32)):
+            part.grad = g.clone()
+        ours.step()
+        reference.step()
+    assert torch.equal(fused.detach(), torch.cat([p.detach() for p in parts]))
+    # float32 Newton-Schulz (the CPU default) lands near the bf16 one
+    single = torch.randn(64, 32, requires_grad=True)
+    twin = single.detach().clone().requires_grad_()
+    single.grad, twin.grad = torch.ones(64, 32).tril(), torch.ones(64, 32).tril()
+    train.Muon([single], lr=0.05).step()
+    torch.optim.Muon([twin], lr=0.05).step()
+    assert (single - twin).abs().max() < 0.05 * 0.02  # bf16's relative error on a step of size lr
+
+
+def test_time_budget_stops_within_one_step_and_ends_at_min_lr(dataset, tmp_path, monkeypatch):
+    clock = {"now": 100.0}
+    step_seconds = 0.25
+
+    def slow_loss(model, x, y):  # every training step takes exactly step_seconds on this clock
+        clock["now"] += step_seconds
+        return train.language_model_loss(model, x, y)
+
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock["now"])
+    config, model_config, _ = train.configure(["--dataset=" + dataset, "--out_dir=" + str(tmp_path), *TINY,
+                                               "--max_seconds=3", "--log_interval=1", "--warmup_iters=2",
+                                               "--max_iters=5"])  # max_iters is ignored under a budget
+    data = train.load_dataset(config.dataset, model_config.block_size)
+    model_config.vocab_size = data.meta["vocab_size"]
+    model = GPT(model_config)
+    state = train.TrainState()
+    train.train_loop(model, train.make_optimizer(model, config, "cpu"), data, config, state, "cpu", loss_fn=slow_loss)
+    assert state.step == 12 and state.seconds == pytest.approx(3.0)  # 12 steps of 0.25 s fill the 3 s exactly
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert len(lrs) == 12 and lrs[-1] == config.min_lr and lrs[-2] > config.min_lr
+    # step 2 starts after 1 step of 0.25 s and is predicted to end at 0.5 s: a sixth of the budget
+    cosine = config.min_lr + (config.learning_rate - config.min_lr) * 0.5 * (1 + math.cos(math.pi / 6))
+    assert lrs[:2] == [config.learning_rate / 2, pytest.approx(cosine)]  # warmup, then the cosine over time
+
+
+def test_compiled_training_and_decoding_equal_eager(dataset, tmp_path):
+    """One test for both: compiling is slow. Tolerance: float32 reassociation in fused kernels, 1e-4."""
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C compiler (cc or gcc), and none is installed")
+    eager = run_train(dataset, tmp_path / "eager", "--max_iters=3", "--ffn=relu2", "--qk_norm=true", "--optimizer=muon")
+    compiled = run_train(dataset, tmp_path / "compiled", "--max_iters=3", "--ffn=relu2", "--qk_norm=true",
+                         "--optimizer=muon", "--compile=true")
+    for name, tensor in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][name], tensor, atol=1e-4, rtol=1e-4, msg=name)
+    model = GPT(GPTConfig(**eager["model_config"])).eval()
+    model.load_state_dict(eager["model"])
+    prompt = torch.tensor([[1, 2, 3]])
+    # 40 tokens pass the 16-token context twice: prefills and refills stay eager, each single step is compiled
+    assert torch.equal(model.generate(prompt, 40, temperature=0, compile=True), model.generate(prompt, 40, temperature=0))
