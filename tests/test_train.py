@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import optim
 import train
 from cli import UserError
 from data import prepare
@@ -240,7 +241,7 @@ def test_muon_step_equals_torch_muon_on_separate_q_k_v():
     torch.manual_seed(0)
     fused = torch.randn(96, 32, requires_grad=True)
     parts = [p.detach().clone().requires_grad_() for p in fused.detach().split(32)]
-    ours = train.Muon([{"params": [fused], "row_blocks": [32, 32, 32]}], ns_dtype=torch.bfloat16, lr=0.05)
+    ours = optim.Muon([{"params": [fused], "row_blocks": [32, 32, 32]}], ns_dtype=torch.bfloat16, lr=0.05)
     reference = torch.optim.Muon(parts, lr=0.05)
     for _ in range(3):  # momentum carries over steps
         grad = torch.randn(96, 32)
