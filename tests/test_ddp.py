@@ -80,7 +80,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, dataset):
     out, _, _ = runs
     # continue both runs from step 20 to 30 in a single process: same data, same result
     for name in ("one", "two"):
-        launch([f"--out_dir={out / name}", "--resume", "--max_iters=30"], processes=1)
+        launch([f"--out_dir={out / name}", "--resume", "--max_iters=30", "--threads=1"], processes=1)
     resumed_one = load_checkpoint(out / "one" / "ckpt.pt")
     resumed_two = load_checkpoint(out / "two" / "ckpt.pt")
     assert resumed_one["step"] == resumed_two["step"] == 30

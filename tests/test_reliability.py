@@ -110,7 +110,7 @@ def test_train_refuses_a_shape_beyond_memory(dataset, tmp_path, capsys, monkeypa
 
 
 def test_resume_refuses_a_max_iters_below_the_saved_step(trained, capsys):
-    line = one_line_error(capsys, train.main, ["--resume", f"--out_dir={trained}", "--max_iters=5"])
+    line = one_line_error(capsys, train.main, ["--resume", f"--out_dir={trained}", "--max_iters=5", "--threads=1"])
     assert "--max_iters=5 is below the checkpoint's step 10" in line
 
 
@@ -131,7 +131,7 @@ def test_resume_refuses_other_data(dataset, trained, tmp_path, capsys, change):
         (other / f.name).write_bytes(f.read_bytes())
     meta = json.loads((other / "meta.json").read_text())
     (other / "meta.json").write_text(json.dumps({**meta, **change}))
-    line = one_line_error(capsys, train.main, ["--resume", f"--out_dir={trained}", f"--dataset={other}", "--max_iters=20"])
+    line = one_line_error(capsys, train.main, ["--resume", f"--out_dir={trained}", f"--dataset={other}", "--max_iters=20", "--threads=1"])
     assert "is not the data the checkpoint was trained on" in line and next(iter(change)) in line
 
 
@@ -144,7 +144,7 @@ def test_resume_accepts_the_same_data_copied_elsewhere(dataset, trained, tmp_pat
     meta = json.loads((copy_dir / "meta.json").read_text())
     (copy_dir / "meta.json").write_text(json.dumps({**meta, "sources": ["/elsewhere/tiny.txt"]}))
     (run_dir / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
-    train.main(["--resume", f"--out_dir={run_dir}", f"--dataset={copy_dir}", "--max_iters=12"])
+    train.main(["--resume", f"--out_dir={run_dir}", f"--dataset={copy_dir}", "--max_iters=12", "--threads=1"])
     assert model_module.load_checkpoint(run_dir / "ckpt.pt")["step"] == 12
 
 
@@ -225,7 +225,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(dat
     train.main(train_args(dataset, out, "--max_iters=10", "--lr_decay_iters=100"))
     good = (out / "ckpt.pt").read_bytes()
     # decoupled weight decay at this rate multiplies every weight by -99,999 per step: infinity within a few
-    line = one_line_error(capsys, train.main, ["--resume", f"--out_dir={out}", "--max_iters=40", "--learning_rate=1e6"])
+    line = one_line_error(capsys, train.main, ["--resume", f"--out_dir={out}", "--max_iters=40", "--learning_rate=1e6", "--threads=1"])
     assert "training diverged at step" in line and "last good checkpoint" in line and "step 10" in line
     step = int(line.split("diverged at step ")[1].split(":")[0])
     assert 10 < step <= 40
@@ -262,7 +262,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(trained, tmp_path, capsys, mo
         raise failure
 
     monkeypatch.setattr(checkpointing.torch, "save", full_disk)
-    line = one_line_error(capsys, train.main, ["--resume", f"--out_dir={run_dir}", "--max_iters=20"])
+    line = one_line_error(capsys, train.main, ["--resume", f"--out_dir={run_dir}", "--max_iters=20", "--threads=1"])
     assert "disk full" in line and "previous checkpoint kept" in line
     assert (run_dir / "ckpt.pt").read_bytes() == before
     assert sorted(p.name for p in run_dir.iterdir()) == ["ckpt.pt", "metrics.jsonl"]  # no ckpt.pt.tmp
@@ -280,9 +280,9 @@ def test_resume_writes_only_where_the_command_line_says(trained, tmp_path, monke
     for run_dir in (tmp_path / "copy", tmp_path / "cwd" / "out"):
         model_module.save_checkpoint(checkpoint, run_dir / "ckpt.pt")
     before = snapshot(tmp_path)
-    train.main(["--resume", f"--out_dir={tmp_path / 'copy'}", "--max_iters=12"])
+    train.main(["--resume", f"--out_dir={tmp_path / 'copy'}", "--max_iters=12", "--threads=1"])
     monkeypatch.chdir(tmp_path / "cwd")
-    train.main(["--resume", "--max_iters=12"])  # no --out_dir: the default, ./out
+    train.main(["--resume", "--max_iters=12", "--threads=1"])  # no --out_dir: the default, ./out
     after = snapshot(tmp_path)
     written = {p for p in after if before.get(p) != after[p]}
     assert written and all(p.parent in (tmp_path / "copy", tmp_path / "cwd" / "out") for p in written), written
@@ -295,7 +295,7 @@ def test_each_step_is_logged_once_and_a_resume_keeps_the_schedule(dataset, tmp_p
     # as if killed after logging step 25 but before its checkpoint, mid-way through a line
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 25, "loss": 9.0}\n{"step": 3')
-    train.main(["--resume", f"--out_dir={out}", "--max_iters=30"])
+    train.main(["--resume", f"--out_dir={out}", "--max_iters=30", "--threads=1"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
     assert [r["step"] for r in records if "val_bpb" in r] == [10, 20, 30]
@@ -364,9 +364,19 @@ def test_kills_at_random_moments_resume_to_the_same_bits(dataset, tmp_path):
     assert resumed["step"] == 60
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert all(torch.equal(a[key], b[key]) for a, b in zip(expected["optimizer"]["state"].values(),
-                                                                resumed["optimizer"]["state"].values()))
+    # every optimizer tensor too (Adam's moments, Muon's momentum), however the state dict nests them
+    assert tensors_of(expected["optimizer"]) and tensors_of(expected["optimizer"]).keys() == tensors_of(
+        resumed["optimizer"]).keys()
+    for path, tensor in tensors_of(expected["optimizer"]).items():
+        assert torch.equal(tensor, tensors_of(resumed["optimizer"])[path]), path
+
+
+def tensors_of(tree, path=()):
+    """{path: tensor} for every tensor in nested dicts and lists."""
+    if torch.is_tensor(tree):
+        return {path: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {p: t for key, value in items for p, t in tensors_of(value, (*path, key)).items()}
 
 
 # ----------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def test_resume_matches_an_uninterrupted_run(dataset, tmp_path, optimizer):
     # the same schedule (decay over 30 steps), stopped at 15 and resumed
     run_train(dataset, tmp_path / "split", "--max_iters=15", "--lr_decay_iters=30", "--dropout=0.1",
               "--optimizer=" + optimizer)
-    train.main(["--out_dir=" + str(tmp_path / "split"), "--resume", "--max_iters=30"])
+    train.main(["--out_dir=" + str(tmp_path / "split"), "--resume", "--max_iters=30", "--threads=1"])
     resumed = load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert resumed["step"] == 30
     for name, tensor in straight["model"].items():
@@ -159,10 +159,10 @@ def test_missing_dataset(tmp_path):
 
 def test_resume_refuses_model_keys_and_damaged_checkpoints(tmp_path):
     with pytest.raises(UserError, match="drop --n_layer"):
-        train.configure(["--resume", "--n_layer=3", "--out_dir=" + str(tmp_path)])
+        train.configure(["--resume", "--n_layer=3", "--out_dir=" + str(tmp_path), "--threads=1"])
     (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(UserError, match="not a readable checkpoint"):
-        train.configure(["--resume", "--out_dir=" + str(tmp_path)])
+        train.configure(["--resume", "--out_dir=" + str(tmp_path), "--threads=1"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -255,7 +255,7 @@ def test_muon_step_equals_torch_muon_on_separate_q_k_v():
     single = torch.randn(64, 32, requires_grad=True)
     twin = single.detach().clone().requires_grad_()
     single.grad, twin.grad = torch.ones(64, 32).tril(), torch.ones(64, 32).tril()
-    train.Muon([single], lr=0.05).step()
+    optim.Muon([single], lr=0.05).step()
     torch.optim.Muon([twin], lr=0.05).step()
     assert (single - twin).abs().max() < 0.05 * 0.02  # bf16's relative error on a step of size lr
 
