@@ -70,6 +70,7 @@ from model import load_checkpoint, model_from_checkpoint
 CACHE_FORMAT = "stlm-teacher-cache"
 CACHE_VERSION = 1
 CACHE_META = "meta.json"
+CACHE_PROGRESS = "progress.json"  # an unfinished build: how far it got, to continue from there
 CACHE_ARRAYS = ("indices", "logprobs", "tail")  # one .npy file each, row p = the prediction of token p
 DEFAULT_OUT_DIR = "out-distill/student"
 DEFAULT_TEACHER = "out-distill/teacher/ckpt.pt"
@@ -95,6 +96,7 @@ class DistillConfig:
     cache_only: bool = False  # build (or check) the cache, then exit without training
     teacher_context: int = 0  # tokens per teacher window when building the cache; 0 = the student's block_size
     cache_stride: int = 0  # tokens between teacher windows; 0 = teacher_context // 2 (overlap by half, 2x the cost)
+    cache_tokens: int = 0  # the cache covers the first this-many training tokens (the student trains on them); 0 = all
 
 
 # ----------------------------------------------------------------------------
@@ -265,47 +267,84 @@ def cache_description(teacher, data, config, context):
             "stride": config.cache_stride or max(1, context // 2)}
 
 
+def open_arrays(cache_dir, n, k, index_dtype, resume):
+    """The cache's .tmp arrays: reopened to continue a build, or created empty."""
+    specs = {"indices": (index_dtype, (n, k)), "logprobs": (np.float16, (n, k)), "tail": (np.float32, (n,))}
+    return {name: np.lib.format.open_memmap(cache_dir / f"{name}.npy.tmp", mode="r+" if resume else "w+",
+                                            dtype=dtype, shape=shape)
+            for name, (dtype, shape) in specs.items()}
+
+
+def read_progress(cache_dir, description):
+    """(windows done, seconds spent) of an interrupted build of this very cache; (0, 0) to start afresh."""
+    path = cache_dir / CACHE_PROGRESS
+    if not path.is_file() or not all((cache_dir / f"{name}.npy.tmp").is_file() for name in CACHE_ARRAYS):
+        return 0, 0.0
+    progress = json.loads(path.read_text())
+    if progress.get("description") != description:
+        return 0, 0.0
+    return progress["windows_done"], progress["seconds"]
+
+
 def build_cache(teacher, data, config, context, cache_dir, device):
-    """Run the teacher over data once, writing its top-k log-probabilities for every target position."""
+    """
+    Run the teacher over data once, writing its top-k log-probabilities for
+    every target position. Resumable: after every batch of windows the arrays
+    are flushed and progress.json records how many windows are done, so an
+    interrupted build (Ctrl-C, a killed job) continues where it stopped.
+    """
     k = min(config.top_k, teacher.vocab_size)
     n = len(data)
     index_dtype = np.uint16 if teacher.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / CACHE_META).unlink(missing_ok=True)  # no meta = incomplete, until the arrays are all written
-    arrays = {
-        "indices": np.lib.format.open_memmap(cache_dir / "indices.npy.tmp", mode="w+", dtype=index_dtype, shape=(n, k)),
-        "logprobs": np.lib.format.open_memmap(cache_dir / "logprobs.npy.tmp", mode="w+", dtype=np.float16, shape=(n, k)),
-        "tail": np.lib.format.open_memmap(cache_dir / "tail.npy.tmp", mode="w+", dtype=np.float32, shape=(n,)),
-    }
+    description = cache_description(teacher, data, config, context)
+    done, seconds_before = read_progress(cache_dir, description)
+    arrays = open_arrays(cache_dir, n, k, index_dtype, resume=done > 0)
     windows = teacher_windows(n, context, config.cache_stride)
-    dropped_sum, t0 = 0.0, time.perf_counter()
+    if done:
+        print(f"teacher cache: continuing an interrupted build at window {done:,} of {len(windows):,}")
+    t0 = time.perf_counter()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    for first in tqdm(range(0, len(windows), CACHE_BATCH), desc="teacher cache", unit="batch", dynamic_ncols=True):
-        batch = windows[first:first + CACHE_BATCH]
-        starts = np.array([w[0] for w in batch])
-        x = torch.from_numpy(data[starts[:, None] + np.arange(context)].astype(np.int64)).to(device)
-        with autocast:
-            logits, _ = teacher(x)
-        targets = top_k_targets(logits, k, config.temperature)
-        for row, (start, keep_from, keep_to) in enumerate(batch):
-            cols = slice(keep_from - start - 1, keep_to - start)  # output column j predicts target start + 1 + j
-            arrays["indices"][keep_from:keep_to + 1] = targets.indices[row, cols].cpu().numpy()
-            arrays["logprobs"][keep_from:keep_to + 1] = targets.logprobs[row, cols].cpu().numpy()
-            tail = targets.tail[row, cols].cpu().numpy()
-            arrays["tail"][keep_from:keep_to + 1] = tail
-            dropped_sum += float(np.exp(tail.astype(np.float64)).sum())
-    seconds = time.perf_counter() - t0
-    for name, array in arrays.items():
-        array.flush()
+    with tqdm(total=n - 1, initial=windows[done - 1][2] if done else 0, desc="teacher cache", unit="pos",
+              unit_scale=True, dynamic_ncols=True) as bar:
+        for first in range(done, len(windows), CACHE_BATCH):
+            batch = windows[first:first + CACHE_BATCH]
+            starts = np.array([w[0] for w in batch])
+            x = torch.from_numpy(data[starts[:, None] + np.arange(context)].astype(np.int64)).to(device)
+            with autocast:
+                logits, _ = teacher(x)
+            targets = top_k_targets(logits, k, config.temperature)
+            for row, (start, keep_from, keep_to) in enumerate(batch):
+                cols = slice(keep_from - start - 1, keep_to - start)  # output column j predicts target start + 1 + j
+                arrays["indices"][keep_from:keep_to + 1] = targets.indices[row, cols].cpu().numpy()
+                arrays["logprobs"][keep_from:keep_to + 1] = targets.logprobs[row, cols].cpu().numpy()
+                arrays["tail"][keep_from:keep_to + 1] = targets.tail[row, cols].cpu().numpy()
+            for array in arrays.values():
+                array.flush()
+            progress = {"description": description, "windows_done": first + len(batch),
+                        "seconds": seconds_before + time.perf_counter() - t0}
+            write_json_atomic(cache_dir / CACHE_PROGRESS, progress)
+            bar.update(batch[-1][2] - batch[0][1] + 1)
+    seconds = seconds_before + time.perf_counter() - t0
+    for name in CACHE_ARRAYS:
         os.replace(cache_dir / f"{name}.npy.tmp", cache_dir / f"{name}.npy")
-    meta = cache_description(teacher, data, config, context)
-    meta.update({"mean_dropped_mass": dropped_sum / (n - 1), "build_seconds": round(seconds, 2),
+    dropped = np.exp(np.load(cache_dir / "tail.npy", mmap_mode="r")[1:].astype(np.float64))
+    meta = dict(description)
+    meta.update({"mean_dropped_mass": float(dropped.mean()), "build_seconds": round(seconds, 2),
                  "teacher_path": config.teacher, "windows": len(windows),
                  "note": "row p: the teacher's prediction of token p from the tokens before it in its window; row 0 unused"})
-    (cache_dir / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: the cache is complete
+    write_json_atomic(cache_dir / CACHE_META, meta)  # written last: the cache is complete
+    (cache_dir / CACHE_PROGRESS).unlink()
     print(f"teacher cache: {n - 1:,} positions, top-{k}, mean dropped mass {meta['mean_dropped_mass']:.2e}, "
-          f"built in {seconds:.1f} s ({(n - 1) / seconds:,.0f} positions/s) -> {cache_dir}")
+          f"built in {seconds:.1f} s ({(n - 1) / seconds:,.1f} positions/s) -> {cache_dir}")
     return meta
+
+
+def write_json_atomic(path, record):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def open_cache(cache_dir, expected):
@@ -433,7 +472,8 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
     loss_fn, batch_fn = train.language_model_loss, train.get_batch  # alpha = 0: exactly train.py
     t0 = time.perf_counter()
     if distilling:
-        teacher = load_teacher(config.teacher, dataset, device)
+        teacher_data = dataset
+        teacher = load_teacher(config.teacher, teacher_data, device)
         projection = None
         if config.online:
             if teacher.context < model.config.block_size:
@@ -453,15 +493,16 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
             if not 0 <= config.cache_stride <= context:
                 raise UserError(f"--cache_stride must be between 0 and the teacher's window ({context}), got {config.cache_stride}")
             cache_dir = Path(config.cache_dir or Path(train_config.out_dir) / "teacher_cache")
-            expected = cache_description(teacher, dataset.train, config, context)
+            covered = teacher_data.train[:config.cache_tokens or len(teacher_data.train)]
+            expected = cache_description(teacher, covered, config, context)
             if dist.is_main and open_cache(cache_dir, expected) is None:
-                build_cache(teacher, dataset.train, config, context, cache_dir, device)
+                build_cache(teacher, covered, config, context, cache_dir, device)
             if dist.world_size > 1:
                 torch.distributed.barrier()  # the other processes wait for the main one's cache
             cache = open_cache(cache_dir, expected)
             if config.cache_only:
                 return None, time.perf_counter() - t0
-            batch_fn = cached_batch_fn(cache, len(dataset.train))
+            batch_fn = cached_batch_fn(cache, len(covered))
         loss_fn = make_loss_fn(config, teacher, projection)
     result = train.train_loop(model, optimizer, dataset, train_config, state, device,
                               loss_fn=loss_fn, batch_fn=batch_fn, dist=dist)
