@@ -35,12 +35,19 @@ would have contributed (the tail). Where the listed tokens say nothing about a
 byte (none continues the prefix, or the position has no teacher row), the
 target is the data's own byte with probability 1: the hard label.
 
-Torch-free: numpy only, chunked over tokens so memory stays bounded.
+Below the derivation (numpy, chunked over tokens so memory stays bounded), the
+wiring distill.py uses: the teacher's dataset checked against the student's, and
+its token cache turned into a byte cache.
 """
+
+import functools
+import time
 
 import numpy as np
 
+import train
 from cli import UserError
+from tokenizer import token_byte_table
 
 BYTE_VALUES = 256
 CHUNK_TOKENS = 8192  # token rows derived at a time: (chunk, k, longest token) int16 arrays stay small
@@ -133,3 +140,45 @@ def derive_chunk(indices, probs, tail, true_bytes, true_lengths, offsets, has_te
         out_probs[positions] = byte_probs[live]
         out_tail[positions] = byte_tail[live]
         continuing &= next_byte == truth[:, None]
+
+
+# ----------------------------------------------------------------------------
+# a bytes student's targets from a teacher's token cache
+
+@functools.lru_cache(maxsize=2)
+def byte_table(tokenization):
+    """tokenizer.token_byte_table, loaded once per run: a .gguf tokenizer takes a while to read."""
+    return token_byte_table(tokenization)
+
+
+def load_teacher_dataset(name, dataset):
+    """The dataset `name`: the student's bytes data (dataset) in a teacher's tokenization, checked byte for byte."""
+    if dataset.meta["tokenization"] != "bytes":
+        raise UserError(f"--teacher_dataset distills a bytes student, and {dataset.meta['tokenization']} data "
+                        "is not bytes: prepare the student's data with --tokenization=bytes")
+    teacher_data = train.load_dataset(name, 1)
+    if teacher_data.meta["tokenization"] in ("bytes", "pooled"):
+        raise UserError(f"--teacher_dataset={name} is {teacher_data.meta['tokenization']} data: "
+                        "it must be the teacher's own tokenization of the corpus (or drop --teacher_dataset)")
+    table = byte_table(teacher_data.meta["tokenization"])
+    for split in ("train", "val"):
+        check_same_bytes(getattr(teacher_data, split), table, getattr(dataset, split),
+                         what=f"--teacher_dataset's {split} split", other=f"the student's {split} split")
+    return teacher_data
+
+
+def byte_cache(token_cache, token_ids, tokenization, no_mass):
+    """
+    A teacher cache over tokens (distill.py's: log-probabilities) turned into one over the bytes
+    of token_ids, in the same form; an empty slot or tail gets the log-probability no_mass.
+    """
+    t0 = time.perf_counter()
+    indices, probs, tail = derive(token_cache["indices"], np.exp(token_cache["logprobs"].astype(np.float64)),
+                                  np.exp(token_cache["tail"].astype(np.float64)), token_ids, byte_table(tokenization))
+    with np.errstate(divide="ignore"):
+        cache = {"indices": indices, "logprobs": np.maximum(np.log(probs), no_mass).astype(np.float16),
+                 "tail": np.maximum(np.log(tail), no_mass).astype(np.float32)}
+    certain = float((probs[:, 0] == 1.0).mean())
+    print(f"byte targets: {len(indices):,} bytes from {len(token_ids):,} teacher tokens in {time.perf_counter() - t0:.1f} s; "
+          f"mean tail {tail.mean():.3f}, one byte certain (hard labels included) at {certain:.1%} of bytes")
+    return cache

