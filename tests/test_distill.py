@@ -16,7 +16,7 @@ from cli import UserError
 from data import prepare
 from conftest import TINY_TRAIN_ARGS as TINY
 from model import GPT, load_checkpoint
-from tokenizer import token_byte_table
+from tokenizer import load_hf_tokenizer, token_byte_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -370,3 +370,67 @@ def test_byte_and_pooled_mismatches_are_one_line_errors(hf_teacher, hf_corpus_as
     train.main(["--dataset=" + str(pooled), "--out_dir=" + str(tmp_path / "pooled_teacher"), *TINY, "--max_iters=1"])
     with pytest.raises(UserError, match="is a pooled model"):
         run_distill(dataset, tmp_path / "pooled_teacher" / "ckpt.pt", tmp_path, "--max_iters=1")
+
+
+# ----------------------------------------------------------------------------
+# a .gguf teacher (how SmolLM2 ships), written by the gguf package from a tiny random model
+
+GGUF_SHAPE = dict(hidden=32, layers=2, heads=2, ffn=64, context=64)
+
+
+def write_tiny_gguf(path, bpe):
+    """A random llama-architecture model with the byte-level BPE's vocabulary and merges, as a .gguf file."""
+    gguf = pytest.importorskip("gguf", reason="a .gguf teacher needs the gguf package (requirements-extra.txt)")
+    state = json.loads(bpe._tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(state["vocab"].items(), key=lambda item: item[1])]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in state["merges"]]
+    h, ffn = GGUF_SHAPE["hidden"], GGUF_SHAPE["ffn"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(GGUF_SHAPE["context"])
+    writer.add_embedding_length(h)
+    writer.add_block_count(GGUF_SHAPE["layers"])
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(GGUF_SHAPE["heads"])
+    writer.add_head_count_kv(GGUF_SHAPE["heads"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(h // GGUF_SHAPE["heads"])
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE, as SmolLM2's
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t == "<|endoftext|>" else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokens.index("<|endoftext|>"))
+    rng = np.random.default_rng(0)
+    weights = {"token_embd.weight": (len(tokens), h), "output.weight": (len(tokens), h), "output_norm.weight": None}
+    for i in range(GGUF_SHAPE["layers"]):
+        weights.update({f"blk.{i}.{name}.weight": (h, h) for name in ("attn_q", "attn_k", "attn_v", "attn_output")})
+        weights.update({f"blk.{i}.attn_norm.weight": None, f"blk.{i}.ffn_norm.weight": None,
+                        f"blk.{i}.ffn_gate.weight": (ffn, h), f"blk.{i}.ffn_up.weight": (ffn, h),
+                        f"blk.{i}.ffn_down.weight": (h, ffn)})
+    for name, shape in weights.items():  # None: a norm's gain, ones
+        writer.add_tensor(name, np.ones(h, np.float32) if shape is None else
+                          (0.1 * rng.standard_normal(shape)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_file_loads_as_a_teacher_and_distills_a_bytes_student(hf_teacher, hf_corpus_as_bytes, corpus_text, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="building a tokenizer offline needs tokenizers")
+    folder, _ = hf_teacher
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator([corpus_text.decode()], vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"])
+    model_file = tmp_path / "tiny.gguf"
+    write_tiny_gguf(model_file, bpe)
+    gguf_data = str(prepare.prepare(prepare.PrepareConfig(input=str(folder / "tokenizer.json"), tokenization="hf",
+                                                          tokenizer_dir=str(model_file), data_dir=str(tmp_path / "data"))))
+    sample = corpus_text[:200].decode()  # the .gguf's tokenizer is the BPE it was written from
+    assert load_hf_tokenizer(model_file).encode(sample, add_special_tokens=False) == bpe.encode(sample).ids
+    teacher = distill.load_teacher(model_file, train.load_dataset(gguf_data, 16), "cpu")
+    assert teacher.is_hf and teacher.context == GGUF_SHAPE["context"] and teacher.vocab_size == len(bpe.get_vocab())
+    checkpoint = run_distill(hf_corpus_as_bytes, model_file, tmp_path / "student", "--teacher_dataset=" + gguf_data,
+                             "--max_iters=5", "--top_k=8", "--teacher_context=16", "--cache_tokens=200")
+    assert checkpoint["step"] == 5 and checkpoint["model_config"]["vocab_size"] == 256
