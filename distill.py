@@ -406,6 +406,8 @@ def check(config, train_config):
         raise UserError(f"--hidden_weight must be non-negative, got {config.hidden_weight}")
     if config.hidden_weight > 0 and not config.online:
         raise UserError("--hidden_weight needs the teacher's hidden states, which the cache does not hold: add --online")
+    if config.online and config.cache_tokens:
+        raise UserError("--cache_tokens limits the teacher cache, which --online does not use: drop one of them")
     if config.hidden_weight > 0 and train_config.resume:
         raise UserError("--resume with --hidden_weight is not supported: the projection is not in the checkpoint")
 

@@ -206,7 +206,8 @@ def test_distillation_runs_and_logs_its_parts(dataset, teacher_ckpt, tmp_path, m
 
 def test_bad_settings_are_one_line_errors(dataset, teacher_ckpt, tmp_path):
     for args, message in [(["--kd_loss=sideways"], "forward, reverse"), (["--hidden_weight=1"], "add --online"),
-                          (["--alpha=1.5"], "alpha"), (["--teacher=" + str(tmp_path / "none.pt")], "train one first")]:
+                          (["--alpha=1.5"], "alpha"),
+                          (["--online", "--cache_tokens=100"], "drop one of them"), (["--teacher=" + str(tmp_path / "none.pt")], "train one first")]:
         with pytest.raises(UserError, match=message):
             distill.main(["--dataset=" + dataset, "--teacher=" + str(teacher_ckpt), "--out_dir=" + str(tmp_path),
                           *TINY, "--max_iters=1", *args])
