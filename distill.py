@@ -81,7 +81,7 @@ from tqdm import tqdm
 import byte_targets
 import train
 from cli import UserError, run
-from teacher import fingerprint_module, load_teacher, report_teacher_bpb  # noqa: F401  (tests reach them here too)
+from teacher import load_teacher, report_teacher_bpb
 
 CACHE_FORMAT = "stlm-teacher-cache"
 CACHE_VERSION = 1

@@ -16,6 +16,7 @@ from cli import UserError
 from data import prepare
 from conftest import TINY_TRAIN_ARGS as TINY
 from model import GPT, load_checkpoint
+from teacher import fingerprint_module
 from tokenizer import load_hf_tokenizer, token_byte_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +152,7 @@ def test_cache_holds_the_teachers_predictions_and_refuses_a_mismatch(dataset, te
         distill.open_cache(cache_dir, distill.cache_description(teacher, data.val, config, 16))
     with torch.no_grad():
         next(teacher.module.parameters()).add_(1.0)
-    teacher.fingerprint = distill.fingerprint_module(teacher.module)
+    teacher.fingerprint = fingerprint_module(teacher.module)
     with pytest.raises(UserError, match="different teacher"):
         distill.open_cache(cache_dir, distill.cache_description(teacher, data.train, config, 16))
 
