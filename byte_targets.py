@@ -18,7 +18,7 @@ and the byte target is
 
 At depth 0 every non-empty listed token continues the empty prefix, so M + tau
 is the whole mass: P(c) is the mass of the listed tokens starting with c and
-the tail is exactly the dropped mass. At depth > 1 the dropped tokens' bytes are
+the tail is exactly the dropped mass. At depth >= 1 the dropped tokens' bytes are
 unknown, so the tail is carried conservatively: all of tau is taken to be mass
 that may continue the prefix (the most it can be), and it stays one "any other
 byte" outcome, never spread over bytes it may not cover. With k = vocabulary
