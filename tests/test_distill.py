@@ -16,7 +16,8 @@ from cli import UserError
 from data import prepare
 from conftest import TINY_TRAIN_ARGS as TINY
 from model import GPT, load_checkpoint
-from tokenizer import token_byte_table
+from teacher import fingerprint_module
+from tokenizer import load_hf_tokenizer, token_byte_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,7 +159,7 @@ def test_cache_holds_the_teachers_predictions_and_refuses_a_mismatch(dataset, te
         distill.open_cache(cache_dir, distill.cache_description(teacher, data.val, config, 16))
     with torch.no_grad():
         next(teacher.module.parameters()).add_(1.0)
-    teacher.fingerprint = distill.fingerprint_module(teacher.module)
+    teacher.fingerprint = fingerprint_module(teacher.module)
     with pytest.raises(UserError, match="different teacher"):
         distill.open_cache(cache_dir, distill.cache_description(teacher, data.train, config, 16))
 
@@ -213,7 +214,8 @@ def test_distillation_runs_and_logs_its_parts(dataset, teacher_ckpt, tmp_path, m
 
 def test_bad_settings_are_one_line_errors(dataset, teacher_ckpt, tmp_path):
     for args, message in [(["--kd_loss=sideways"], "forward, reverse"), (["--hidden_weight=1"], "add --online"),
-                          (["--alpha=1.5"], "alpha"), (["--teacher=" + str(tmp_path / "none.pt")], "train one first")]:
+                          (["--alpha=1.5"], "alpha"),
+                          (["--online", "--cache_tokens=100"], "drop one of them"), (["--teacher=" + str(tmp_path / "none.pt")], "train one first")]:
         with pytest.raises(UserError, match=message):
             distill.main(["--dataset=" + dataset, "--teacher=" + str(teacher_ckpt), "--out_dir=" + str(tmp_path),
                           *TINY, "--max_iters=1", *args])
@@ -267,3 +269,177 @@ def test_teacher_of_another_tokenization_is_refused(hf_teacher, teacher_ckpt, da
         run_distill(hf_data, teacher_ckpt, tmp_path, "--max_iters=1")  # a bytes teacher on hf tokens
     with pytest.raises(UserError, match="tokenization=hf"):
         run_distill(dataset, folder, tmp_path, "--max_iters=1")  # a Hugging Face teacher on bytes
+
+
+# ----------------------------------------------------------------------------
+# a bytes student from the BPE teacher, and what is refused
+
+@pytest.fixture(scope="module")
+def hf_corpus_as_bytes(hf_teacher):
+    """The Hugging Face teacher's corpus (its tokenizer.json) prepared as bytes: the byte student's data."""
+    folder, _ = hf_teacher
+    out = folder.parent / (folder.name + "_bytes")
+    return str(prepare.prepare(prepare.PrepareConfig(input=str(folder / "tokenizer.json"), data_dir=str(out))))
+
+
+def test_empty_slots_count_as_no_outcome_on_both_sides():
+    """Byte targets list fewer bytes than k: the loss is the KL over the listed bytes and the tail alone."""
+    student_logits = torch.tensor([[[0.3, 1.2, -0.4, 0.8, -2.0]]])
+    s = softmax(student_logits[0, 0].tolist(), 1.0)
+    t = [0.5, 0.2, 0.3]  # bytes 1 and 3, then the tail; two empty slots repeating byte 1
+    targets = distill.TeacherTargets(torch.tensor([[[1, 3, 1, 1]]]),
+                                     torch.tensor([[[math.log(0.5), math.log(0.2), distill.NO_MASS, distill.NO_MASS]]]),
+                                     torch.tensor([[math.log(0.3)]]))
+    q = [s[1], s[3], 1.0 - s[1] - s[3]]
+    for kind, expected in [("forward", hand_kl(t, q)), ("reverse", hand_kl(q, t))]:
+        assert distill.distillation_loss(student_logits, targets, 1.0, kind).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_interrupted_cache_build_continues_where_it_stopped(dataset, teacher_ckpt, tmp_path, monkeypatch, capsys):
+    data = train.load_dataset(dataset, 16)
+    teacher = distill.load_teacher(teacher_ckpt, data, "cpu")
+    config = distill.DistillConfig(top_k=4)
+    reference = distill.build_cache(teacher, data.train, config, 16, tmp_path / "whole", "cpu")
+    monkeypatch.setattr(distill, "CACHE_BATCH", 4)
+    calls, real_call = [], type(teacher).__call__
+
+    def stop_on_third_batch(self, idx):
+        calls.append(len(idx))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_call(self, idx)
+
+    monkeypatch.setattr(type(teacher), "__call__", stop_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        distill.build_cache(teacher, data.train, config, 16, tmp_path / "cut", "cpu")
+    assert json.loads((tmp_path / "cut" / distill.CACHE_PROGRESS).read_text())["windows_done"] == 8
+    monkeypatch.setattr(type(teacher), "__call__", real_call)
+    capsys.readouterr()
+    resumed = distill.build_cache(teacher, data.train, config, 16, tmp_path / "cut", "cpu")
+    assert "continuing an interrupted build at window 8" in capsys.readouterr().out
+    assert resumed["data"] == reference["data"] and not (tmp_path / "cut" / distill.CACHE_PROGRESS).exists()
+    for name in distill.CACHE_ARRAYS:
+        assert np.array_equal(np.load(tmp_path / "cut" / f"{name}.npy"), np.load(tmp_path / "whole" / f"{name}.npy"))
+
+
+def test_bytes_student_distills_from_a_bpe_teacher(hf_teacher, hf_corpus_as_bytes, tmp_path):
+    folder, hf_data = hf_teacher
+    checkpoint = run_distill(hf_corpus_as_bytes, folder, tmp_path, "--teacher_dataset=" + hf_data, "--max_iters=10",
+                             "--top_k=8", "--teacher_context=16", "--cache_tokens=300", "--teacher_bpb")
+    assert checkpoint["step"] == 10 and checkpoint["model_config"]["vocab_size"] == 256
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["kd"]) and r["kd"] >= 0 for r in records if "kd" in r)
+    steps = [r for r in records if "kd" in r]
+    assert steps[-1]["kd"] < steps[0]["kd"]  # the student moves towards the byte targets
+    covered = json.loads((tmp_path / "teacher_cache" / "meta.json").read_text())["tokens"]
+    assert covered == 300
+
+
+def test_the_twin_of_a_partly_cached_student_trains_on_the_same_part(hf_teacher, hf_corpus_as_bytes, tmp_path):
+    """--alpha=0 --cache_tokens=N: train.py's batches, over the bytes those N teacher tokens cover only."""
+    folder, hf_data = hf_teacher
+    teacher_data, data = train.load_dataset(hf_data, 1), train.load_dataset(hf_corpus_as_bytes, 1)
+    n_bytes = distill.student_positions(teacher_data.train[:300], teacher_data, data)
+    assert n_bytes == sum(len(token_byte_table(teacher_data.meta["tokenization"])[i]) for i in teacher_data.train[:300])
+    ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    x, y = distill.prefix_batch_fn(n_bytes)(data.train, 64, 16, ours, "cpu")
+    x_ref, y_ref = train.get_batch(data.train[:n_bytes], 64, 16, theirs, "cpu")
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    run_distill(hf_corpus_as_bytes, folder, tmp_path, "--alpha=0", "--teacher_dataset=" + hf_data, "--cache_tokens=300",
+                "--max_iters=2")
+
+
+def test_teacher_bpb_is_train_evaluate_on_the_teacher(hf_teacher):
+    folder, hf_data = hf_teacher
+    data = train.load_dataset(hf_data, 16)
+    teacher = distill.load_teacher(folder, data, "cpu")
+    result = distill.report_teacher_bpb(teacher, data, 16, 0)
+    assert not teacher.module.training  # still frozen: no dropout in what follows
+    # by hand: the Hugging Face model's own loss over the same non-overlapping windows
+    n = (len(data.val) - 1) // 16
+    windows = torch.from_numpy(data.val[:n * 16 + 1].astype(np.int64))
+    x, y = windows[:-1].view(n, 16), windows[1:].view(n, 16)
+    logits = teacher.module(input_ids=x).logits[..., :data.meta["vocab_size"]]
+    nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+    assert result["val_bpb"] == pytest.approx(nats / math.log(2) / data.token_bytes[y].sum().item(), rel=1e-4)
+
+
+def test_byte_and_pooled_mismatches_are_one_line_errors(hf_teacher, hf_corpus_as_bytes, dataset, teacher_ckpt, tmp_path):
+    folder, hf_data = hf_teacher
+    with pytest.raises(UserError, match="do not hold the same bytes"):  # the cat-sat corpus is not the teacher's
+        run_distill(dataset, folder, tmp_path, "--teacher_dataset=" + hf_data, "--max_iters=1")
+    with pytest.raises(UserError, match="distills a bytes student"):
+        run_distill(hf_data, folder, tmp_path, "--teacher_dataset=" + hf_data, "--max_iters=1")
+    with pytest.raises(UserError, match="teacher's own tokenization"):
+        run_distill(hf_corpus_as_bytes, folder, tmp_path, "--teacher_dataset=" + hf_corpus_as_bytes, "--max_iters=1")
+    pooled = prepare.prepare(prepare.PrepareConfig(input=str(folder / "tokenizer.json"), tokenization="pooled",
+                                                   segmenter="space", data_dir=str(tmp_path / "pooled")))
+    with pytest.raises(UserError, match="pooled student"):
+        run_distill(str(pooled), teacher_ckpt, tmp_path, "--max_iters=1")
+    train.main(["--dataset=" + str(pooled), "--out_dir=" + str(tmp_path / "pooled_teacher"), *TINY, "--max_iters=1"])
+    with pytest.raises(UserError, match="is a pooled model"):
+        run_distill(dataset, tmp_path / "pooled_teacher" / "ckpt.pt", tmp_path, "--max_iters=1")
+
+
+# ----------------------------------------------------------------------------
+# a .gguf teacher (how SmolLM2 ships), written by the gguf package from a tiny random model
+
+GGUF_SHAPE = dict(hidden=32, layers=2, heads=2, ffn=64, context=64)
+
+
+def write_tiny_gguf(path, bpe):
+    """A random llama-architecture model with the byte-level BPE's vocabulary and merges, as a .gguf file."""
+    gguf = pytest.importorskip("gguf", reason="a .gguf teacher needs the gguf package (requirements-extra.txt)")
+    state = json.loads(bpe._tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(state["vocab"].items(), key=lambda item: item[1])]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in state["merges"]]
+    h, ffn = GGUF_SHAPE["hidden"], GGUF_SHAPE["ffn"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(GGUF_SHAPE["context"])
+    writer.add_embedding_length(h)
+    writer.add_block_count(GGUF_SHAPE["layers"])
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(GGUF_SHAPE["heads"])
+    writer.add_head_count_kv(GGUF_SHAPE["heads"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(h // GGUF_SHAPE["heads"])
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE, as SmolLM2's
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t == "<|endoftext|>" else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokens.index("<|endoftext|>"))
+    rng = np.random.default_rng(0)
+    weights = {"token_embd.weight": (len(tokens), h), "output.weight": (len(tokens), h), "output_norm.weight": None}
+    for i in range(GGUF_SHAPE["layers"]):
+        weights.update({f"blk.{i}.{name}.weight": (h, h) for name in ("attn_q", "attn_k", "attn_v", "attn_output")})
+        weights.update({f"blk.{i}.attn_norm.weight": None, f"blk.{i}.ffn_norm.weight": None,
+                        f"blk.{i}.ffn_gate.weight": (ffn, h), f"blk.{i}.ffn_up.weight": (ffn, h),
+                        f"blk.{i}.ffn_down.weight": (h, ffn)})
+    for name, shape in weights.items():  # None: a norm's gain, ones
+        writer.add_tensor(name, np.ones(h, np.float32) if shape is None else
+                          (0.1 * rng.standard_normal(shape)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_file_loads_as_a_teacher_and_distills_a_bytes_student(hf_teacher, hf_corpus_as_bytes, corpus_text, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="building a tokenizer offline needs tokenizers")
+    folder, _ = hf_teacher
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator([corpus_text.decode()], vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"])
+    model_file = tmp_path / "tiny.gguf"
+    write_tiny_gguf(model_file, bpe)
+    gguf_data = str(prepare.prepare(prepare.PrepareConfig(input=str(folder / "tokenizer.json"), tokenization="hf",
+                                                          tokenizer_dir=str(model_file), data_dir=str(tmp_path / "data"))))
+    sample = corpus_text[:200].decode()  # the .gguf's tokenizer is the BPE it was written from
+    assert load_hf_tokenizer(model_file).encode(sample, add_special_tokens=False) == bpe.encode(sample).ids
+    teacher = distill.load_teacher(model_file, train.load_dataset(gguf_data, 16), "cpu")
+    assert teacher.is_hf and teacher.context == GGUF_SHAPE["context"] and teacher.vocab_size == len(bpe.get_vocab())
+    checkpoint = run_distill(hf_corpus_as_bytes, model_file, tmp_path / "student", "--teacher_dataset=" + gguf_data,
+                             "--max_iters=5", "--top_k=8", "--teacher_context=16", "--cache_tokens=200")
+    assert checkpoint["step"] == 5 and checkpoint["model_config"]["vocab_size"] == 256
