@@ -191,8 +191,12 @@ class MetricsLog:
             return math.inf
 
     def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk, most likely: the checkpoint on disk is still the last good one
+            raise UserError(f"could not write {self.path} ({e.strerror or e}): the last checkpoint beside it is "
+                            "kept; free some space and continue with --resume") from None
 
 
 # ----------------------------------------------------------------------------

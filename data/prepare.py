@@ -111,7 +111,12 @@ def write_atomic(path, data):
     """Write to a temp file and rename it into place: an interrupted run never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError as e:  # a full disk: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({e.strerror or e}): free some space or pick another "
+                        "--data_dir") from None
     os.replace(tmp, path)
 
 

@@ -268,6 +268,32 @@ def test_a_full_disk_keeps_the_previous_checkpoint(trained, tmp_path, capsys, mo
     assert sorted(p.name for p in run_dir.iterdir()) == ["ckpt.pt", "metrics.jsonl"]  # no ckpt.pt.tmp
 
 
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
+    before = (run_dir / "ckpt.pt").read_bytes()
+    real_open = open
+    # the metrics log is the one file opened for appending: that open fails as on a full disk
+    monkeypatch.setattr(checkpointing, "open", lambda file, mode="r", *args, **kwargs: no_space() if "a" in mode
+                        else real_open(file, mode, *args, **kwargs), raising=False)
+    line = one_line_error(capsys, train.main, ["--resume", f"--out_dir={run_dir}", "--max_iters=20", "--threads=1"])
+    assert "No space left" in line and "checkpoint" in line and "--resume" in line
+    assert (run_dir / "ckpt.pt").read_bytes() == before
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    (tmp_path / "t.txt").write_text("some text\n" * 50)
+    monkeypatch.setattr(Path, "write_bytes", no_space)
+    with pytest.raises(UserError, match="No space left on device.*--data_dir"):
+        prepare.prepare(prepare.PrepareConfig(input=str(tmp_path / "t.txt"), data_dir=str(tmp_path / "data")))
+    assert not list((tmp_path / "data").rglob("*.tmp"))
+
+
 def snapshot(folder):
     return {p: p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()}
 
