@@ -28,6 +28,16 @@ def seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def in_a_temp_folder(tmp_path, monkeypatch):
+    """
+    Run each test from an empty folder: scripts called in-process with their
+    default paths (out/, out-bench/) write there, never into the checkout, and
+    a user's own out/ from the quick start cannot change a test's outcome.
+    """
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def corpus_text():
     """Repetitive enough that a two-layer model learns it in a few dozen steps."""

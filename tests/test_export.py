@@ -113,7 +113,7 @@ def test_byte_tokenizer_round_trip(tmp_path):
     assert tokenizer.decode(list(data)) == data.decode("utf-8", errors="replace")
 
 
-def test_bpe_tokenizer_matches_tiktoken(tmp_path):
+def test_bpe_tokenizer_matches_tiktoken(tmp_path, gpt2):
     model = lively_model(vocab_size=50257)
     export.export(model, "bpe", tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

@@ -167,7 +167,7 @@ def test_resume_refuses_model_keys_and_damaged_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["train.py", "--batch_sise=4"], "did you mean --batch_size"),
-    (["train.py", "--dataset=no_such_data"], "run python data/prepare.py"),
+    (["train.py", "--dataset=no_such_data", "--out_dir=out-never-written"], "run python data/prepare.py"),
     (["train.py", "--resume", "--out_dir=no_such_run"], "no checkpoint"),
     (["sample.py", "--ckpt=FOREIGN"], "not a checkpoint written by this project"),
     (["data/prepare.py", "--input=EMPTY"], "is empty"),
