@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import hardware
 import reparam
 import train
 from cli import UserError, parse_config, run
@@ -518,9 +519,7 @@ def main(argv=None):
     if config.dtype not in DTYPES:
         raise UserError(f"--dtype={config.dtype} is not one of {', '.join(DTYPES)}")
     dtype = DTYPES[config.dtype]
-    device = torch.device(config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={config.device} but torch sees no CUDA GPU: use --device=cpu")
+    device = torch.device(hardware.pick_device(config.device))
     if config.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda_graphs needs --device=cuda")
     if device.type == "cuda":

@@ -40,7 +40,6 @@ wiring distill.py uses: the teacher's dataset checked against the student's, and
 its token cache turned into a byte cache.
 """
 
-import functools
 import time
 
 import numpy as np
@@ -145,12 +144,6 @@ def derive_chunk(indices, probs, tail, true_bytes, true_lengths, offsets, has_te
 # ----------------------------------------------------------------------------
 # a bytes student's targets from a teacher's token cache
 
-@functools.lru_cache(maxsize=2)
-def byte_table(tokenization):
-    """tokenizer.token_byte_table, loaded once per run: a .gguf tokenizer takes a while to read."""
-    return token_byte_table(tokenization)
-
-
 def load_teacher_dataset(name, dataset):
     """The dataset `name`: the student's bytes data (dataset) in a teacher's tokenization, checked byte for byte."""
     if dataset.meta["tokenization"] != "bytes":
@@ -160,7 +153,7 @@ def load_teacher_dataset(name, dataset):
     if teacher_data.meta["tokenization"] in ("bytes", "pooled"):
         raise UserError(f"--teacher_dataset={name} is {teacher_data.meta['tokenization']} data: "
                         "it must be the teacher's own tokenization of the corpus (or drop --teacher_dataset)")
-    table = byte_table(teacher_data.meta["tokenization"])
+    table = token_byte_table(teacher_data.meta["tokenization"])
     for split in ("train", "val"):
         check_same_bytes(getattr(teacher_data, split), table, getattr(dataset, split),
                          what=f"--teacher_dataset's {split} split", other=f"the student's {split} split")
@@ -174,7 +167,8 @@ def byte_cache(token_cache, token_ids, tokenization, no_mass):
     """
     t0 = time.perf_counter()
     indices, probs, tail = derive(token_cache["indices"], np.exp(token_cache["logprobs"].astype(np.float64)),
-                                  np.exp(token_cache["tail"].astype(np.float64)), token_ids, byte_table(tokenization))
+                                  np.exp(token_cache["tail"].astype(np.float64)), token_ids,
+                                  token_byte_table(tokenization))
     with np.errstate(divide="ignore"):
         cache = {"indices": indices, "logprobs": np.maximum(np.log(probs), no_mass).astype(np.float16),
                  "tail": np.maximum(np.log(tail), no_mass).astype(np.float32)}

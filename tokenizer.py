@@ -33,6 +33,7 @@ GPT2_ENCODING = "gpt2"  # tiktoken's name for GPT-2's BPE
 GPT2_VOCAB = 50257  # its vocabulary: 50,000 merges, 256 bytes and <|endoftext|>
 HF_PREFIX = "hf:"  # "hf:<folder>" names a Hugging Face tokenization in meta.json
 TOKENIZATIONS = ("bytes", "bpe", "hf", "pooled")
+TOKEN_BYTES_NAME = "token_bytes.npy"  # beside a prepared dataset: the bytes of text each token id stands for
 
 # pooled data: how text is cut into chunks
 SEGMENTERS = ("gpt2", "space", "fixed")
@@ -56,8 +57,13 @@ def gpt2_encoding():
                         "files once; offline, set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
 
 
+@functools.lru_cache(maxsize=4)
 def load_hf_tokenizer(path):
-    """A Hugging Face tokenizer from a local folder, or from a .gguf file (transformers reads both)."""
+    """
+    A Hugging Face tokenizer from a local folder, or from a .gguf file (transformers reads both).
+    Loaded once per path and process: a .gguf tokenizer takes seconds to read, and a prompt's
+    encoding and its byte table both need it.
+    """
     try:
         from transformers import AutoTokenizer  # only hf tokenizations need it
     except ImportError:
@@ -136,8 +142,9 @@ def encode(tokenization, text, meta=None):
     raise _unknown(tokenization)
 
 
+@functools.lru_cache(maxsize=4)
 def token_byte_table(tokenization):
-    """The byte string of every token id (pooled data has no ids: a chunk is its bytes)."""
+    """The byte string of every token id (pooled data has no ids: a chunk is its bytes). Built once per process."""
     if tokenization == "bytes":
         return [bytes([i]) for i in range(BYTE_VOCAB)]
     if tokenization == "bpe":

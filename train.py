@@ -41,10 +41,9 @@ from cli import UserError, parse_config, run
 from hardware import Distributed, check_memory, init_distributed, pick_device, set_cpu_threads
 from model import GPT, GPTConfig, load_checkpoint, preset_config, save_checkpoint
 from optim import OPTIMIZERS, TimeBudget, learning_rate, make_optimizer  # noqa: F401 (train.make_optimizer)
-from tokenizer import OFFSETS_DTYPE, ChunkedBytes
+from tokenizer import OFFSETS_DTYPE, TOKEN_BYTES_NAME, ChunkedBytes
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-TOKEN_BYTES_NAME = "token_bytes.npy"  # written by data/prepare.py: bytes of text per token id
 DATA_MODEL_KEYS = frozenset({"vocab_size", "embedder", "max_chunk_bytes"})  # set by the data: model_keys_from_data
 
 

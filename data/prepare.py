@@ -44,7 +44,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: find the project modules
 import tokenizer  # noqa: E402  (torch-free: preparing data never loads the model)
 from cli import UserError, parse_config, run  # noqa: E402
-from tokenizer import FIXED_CHUNK_BYTES, HF_PREFIX, MAX_CHUNK_BYTES, OFFSETS_DTYPE, Segmenter  # noqa: E402
+from tokenizer import (FIXED_CHUNK_BYTES, HF_PREFIX, MAX_CHUNK_BYTES, OFFSETS_DTYPE, TOKEN_BYTES_NAME,  # noqa: E402
+                       Segmenter)  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -53,7 +54,6 @@ DOWNLOAD_TIMEOUT_S = 10  # offline, fail fast and use the fallback corpus
 STDLIB_CORPUS_BYTES = 3_000_000  # about 3x tinyshakespeare: enough text to learn from, quick to tokenize
 UTF8_MAX_CONTINUATION = 3  # a UTF-8 character is one lead byte and at most 3 continuation bytes
 TOKENIZATIONS = ("bytes", "bpe", "hf", "pooled")
-TOKEN_BYTES_NAME = "token_bytes.npy"  # bytes of text per token id, read by train.py for bits per byte
 ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as the "surrogateescape" decoder writes it
 
 
