@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import byte_tokenizer
+import hardware
 import train
 from cli import UserError, parse_config, run
 from export import require
@@ -292,6 +293,7 @@ def run_tasks(lm, tasks, include_path="", num_fewshot=0, limit=0):
 def main(argv=None):
     config = EvaluateConfig()
     parse_config([config], sys.argv[1:] if argv is None else argv, usage=__doc__)
+    config.device = hardware.pick_device(config.device)  # before the checkpoint: a missing GPU is not a damaged file
     torch.set_num_threads(config.threads or torch.get_num_threads())
     checkpoint = load_checkpoint(config.ckpt, config.device)
     dataset = dataset_for(checkpoint, config.dataset)
