@@ -140,8 +140,9 @@ class ByteBlock(nn.Module):
 class PooledCache:
     """
     What generation keeps between bytes: the window's bytes (to find chunk
-    ends), each local layer's keys and values, and the core's own cache of
-    chunk positions. length counts bytes; setting it to 0 starts over.
+    ends) and where chunks ended, each local layer's keys and values, and the
+    core's own cache of chunk positions. length counts bytes; setting it
+    lower forgets the bytes after (0 starts over; bench.py rewinds a step).
     """
 
     def __init__(self, core_cache, n_local_layers):
@@ -150,7 +151,7 @@ class PooledCache:
                             "ends at different bytes): use batch size 1, or use_cache=False")
         self.core = core_cache
         self.local = [[] for _ in range(n_local_layers)]
-        self.bytes = None
+        self.bytes = self.ends = None
 
     @property
     def length(self):
@@ -158,10 +159,15 @@ class PooledCache:
 
     @length.setter
     def length(self, value):
-        if value != 0:
-            raise ValueError("a pooled cache can only start over (length = 0)")
-        self.bytes, self.core.length = None, 0
-        self.local = [[] for _ in self.local]
+        if not 0 <= value <= self.length:
+            raise ValueError(f"a pooled cache of {self.length} bytes cannot grow to {value} without them")
+        if value == 0:
+            self.bytes = self.ends = None
+            self.local = [[] for _ in self.local]
+        else:
+            self.bytes, self.ends = self.bytes[:, :value], self.ends[:, :value]
+            self.local = [[k[:, :, :value], v[:, :, :value]] for k, v in self.local]
+        self.core.length = 0 if value == 0 else int(self.ends.sum())
 
 
 class PooledBytes(nn.Module):
@@ -193,9 +199,10 @@ class PooledBytes(nn.Module):
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         seen = idx if cache is None else torch.cat([x for x in (cache.bytes, idx) if x is not None], dim=1)
+        all_ends = self.ends(seen)  # decided from the bytes so far, never the ones after
         if cache is not None:
-            cache.bytes = seen
-        ends = self.ends(seen)[:, start:]  # decided from the bytes so far, never the ones after
+            cache.bytes, cache.ends = seen, all_ends
+        ends = all_ends[:, start:]
         positions = torch.arange(start, start + T, device=idx.device)
         x = self.byte_embedding(idx) + self.position(positions)
         mask = window_mask(T, start, self.window, idx.device)

@@ -60,7 +60,8 @@ class TrainConfig:
     batch_size: int = 24  # Muon's Newton-Schulz costs the same per step at any batch: fewer, larger steps amortize it
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 700
-    max_seconds: float = 0.0  # a wall-clock budget for the loop: the schedule follows it and max_iters is ignored; 0 = off
+    max_seconds: float = 0.0  # a time budget for the loop: the schedule follows it and max_iters is ignored; 0 = off
+    budget_clock: str = "wall"  # what max_seconds counts: wall | cpu (this process's CPU time: fair on a shared machine)
     learning_rate: float = 3e-3  # AdamW's (embeddings, head, norms, biases; everything under --optimizer=adamw)
     min_lr: float = 3e-4  # the cosine schedule ends here
     warmup_iters: int = 50
@@ -143,6 +144,8 @@ def check_train_config(config):
                         f"and {config.muon_momentum}")
     if not (math.isfinite(config.max_seconds) and config.max_seconds >= 0):
         raise UserError(f"--max_seconds must be 0 (off) or positive, got {config.max_seconds}")
+    if config.budget_clock not in TimeBudget.CLOCKS:
+        raise UserError(f"--budget_clock={config.budget_clock} is not one of {', '.join(TimeBudget.CLOCKS)}")
 
 
 PRE_MUON_DEFAULTS = {"optimizer": "adamw"}  # a checkpoint from before --optimizer was trained with AdamW
@@ -305,7 +308,7 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
     raw_model.set_step(state.step)
     tokens_per_step = config.batch_size * config.grad_accum * raw_model.config.block_size
     timer = Throughput(tokens_per_step, state.step)
-    budget = TimeBudget(config.max_seconds, state.seconds)
+    budget = TimeBudget(config.max_seconds, state.seconds, config.budget_clock)
     last_step = config.max_iters if not budget else None  # under a budget, known when the budget is reached
     progress = tqdm(total=last_step, initial=state.step, unit="step", dynamic_ncols=True, disable=not dist.is_main)
     result = None

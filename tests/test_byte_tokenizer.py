@@ -192,6 +192,9 @@ def test_cached_byte_states_equal_a_full_recompute(rule):
             (t, t + 1) for t in range(15, 24)))]
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
         assert cache.length == 24
+        cache.length = 10  # rewound: the bytes after the tenth are forgotten, and so are the chunks they ended
+        assert cache.core.length == int(bt.chunk_ends(idx[:, :10], rule, 5, 3).sum())
+        torch.testing.assert_close(model.hidden_states(idx[:, 10:13], cache), full[:, 10:13], rtol=0, atol=1e-5)
         cache.length = 0  # a refill starts over
         torch.testing.assert_close(model.hidden_states(idx[:, :5], cache), full[:, :5], rtol=0, atol=1e-5)
 

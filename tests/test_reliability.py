@@ -82,6 +82,7 @@ BAD_TRAIN_VALUES = [
     ("--warmup_iters=-3", "--warmup_iters must be 0 or more"),
     ("--vocab_size=10", "--vocab_size is set by the data"),
     ("--byte_window=0", "--byte_window must be at least 1"),
+    ("--budget_clock=gpu", "--budget_clock=gpu is not one of wall, cpu"),
     ("--device=tpu", "--device=tpu is not one of auto, cpu, cuda, cuda:N"),
     ("--block_size=100000", "fewer than the context needs"),
 ]
