@@ -84,7 +84,8 @@ def test_no_byte_prediction_sees_a_later_byte(rule):
         for t in range(0, 23, 2):
             changed = idx.clone()
             changed[:, t + 1:] = spacey_bytes(rng, (3, 23 - t))  # byte t + 1 and everything after it
-            changed[:, t + 1] = torch.where(bt.chunk_ends(idx, rule, 5, 3)[:, t + 1], ord("x"), ord(" "))  # moves an end
+            ended = bt.chunk_ends(idx, rule, 5, 3)[:, t + 1]
+            changed[:, t + 1] = torch.where(ended, ord("x"), ord(" "))  # a chunk end moves (under the space rule)
             logits = model(changed)[0]
             torch.testing.assert_close(logits[:, :t + 1], reference[:, :t + 1], rtol=0, atol=1e-6)
             assert not torch.allclose(logits[:, t + 1:], reference[:, t + 1:])  # the test can see a change
@@ -203,8 +204,9 @@ def test_generation_with_the_cache_equals_full_recompute():
     model = small_model(block_size=48)
     prompt = torch.tensor([list(b"Hello there, ")])
     for sampling in (dict(temperature=0), dict(top_k=50)):
-        runs = [torch.cat(list(model.generate_stream(prompt, 30, use_cache=use_cache, generator=torch.Generator()
-                                                     .manual_seed(0), **sampling)), dim=1) for use_cache in (True, False)]
+        runs = [torch.cat(list(model.generate_stream(prompt, 30, use_cache=use_cache,
+                                                     generator=torch.Generator().manual_seed(0), **sampling)), dim=1)
+                for use_cache in (True, False)]
         assert torch.equal(runs[0], runs[1]) and runs[0].shape == (1, 30)
     # past the context the cache refills from the newest half and goes on
     assert len(list(model.generate_stream(prompt, 100, temperature=0))) == 100
