@@ -102,7 +102,12 @@ def chunk_ends(idx, boundary, max_chunk_bytes=MAX_CHUNK_BYTES, fixed_chunk_bytes
 # the local layers: narrow, causal, over a sliding window of bytes
 
 def window_mask(T, start, window, device):
-    """(T, start + T) bool: byte start + i sees byte j if j <= start + i and it is less than window bytes back."""
+    """
+    (T, start + T) bool: byte start + i sees byte j if j <= start + i and it is
+    less than window bytes back. A dense mask: the window bounds what a byte
+    sees, not the work (at a context of a few hundred bytes, attention is a
+    small share of a byte layer's cost; a blocked kernel would save the rest).
+    """
     query = torch.arange(start, start + T, device=device)[:, None]
     key = torch.arange(start + T, device=device)
     return (key <= query) & (query - key < window)
@@ -122,7 +127,10 @@ class ByteBlock(nn.Module):
         self.proj = nn.Linear(4 * width, width, bias=False)
 
     def forward(self, x, mask, cache=None):
-        """x (B, T, width); mask (T, S): S keys are the cached ones (cache: a [k, v] pair or None) and these T."""
+        """
+        x (B, T, width); mask (T, S): the S keys are the cached ones and these T.
+        cache: None, or a list, empty or [k, v], that this call extends in place.
+        """
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln_1(x)).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:

@@ -1,6 +1,7 @@
 """byte_tokenizer.py: chunk ends from the past only, the flat pooled model against a loop reference, exact
 probabilities, the KV cache, parameter counts, and a pooled model end to end."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import tokenizer as tk
 import train
 from cli import UserError
 from data import prepare
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = bt.BOUNDARIES
@@ -213,6 +214,17 @@ def test_generation_with_the_cache_equals_full_recompute():
     with pytest.raises(UserError, match="one sequence at a time"):
         next(model.generate_stream(prompt.expand(2, -1), 1))
     assert len(list(model.generate_stream(prompt.expand(2, -1), 3, use_cache=False))) == 3
+
+
+def test_checkpoints_of_the_earlier_design_load_or_are_refused_in_one_line(tmp_path):
+    for embedder in ("tokens", "pooled"):
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+        old_keys = {"embedder": embedder, "encoder_layers": 1, "decoder_layers": 2, "pooling": "mean"}
+        save_checkpoint({"model": model.state_dict(), "model_config": {**dataclasses.asdict(model.config), **old_keys}},
+                        tmp_path / f"{embedder}.pt")
+    assert model_from_checkpoint(load_checkpoint(tmp_path / "tokens.pt")).config == model.config
+    with pytest.raises(UserError, match="earlier design"):
+        load_checkpoint(tmp_path / "pooled.pt")
 
 
 # ----------------------------------------------------------------------------
