@@ -283,7 +283,7 @@ def main(argv=None):
             print(f"{name:>6}: unavailable ({e})")
             continue
         assert join_chunks(chunks) == data  # the codec is lossless
-        use = "a pooled model's rule" if name in BOUNDARIES else "not usable by the model (looks ahead)"
+        use = "a pooled model's rule" if name in BOUNDARIES else "looks ahead: not for the model"
         print(f"{name:>6}: {len(chunks)} chunks, {len(data) / max(1, len(chunks)):.2f} bytes each ({use}): "
               + " | ".join(repr(c)[2:-1] for c in chunks))
     pooled = pooled_parameters(config.n_embd, config.block_size, width=config.byte_width, n_head=config.byte_heads,
