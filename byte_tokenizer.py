@@ -1,33 +1,55 @@
 """
-Byte-level tokenization with pooling: no 50k-row embedding table.
+Byte-level pooling in one flat byte stream: no 50k-row embedding table, and
+the big transformer core runs once per chunk of bytes, not once per byte.
 
-A text is a byte string. A *segmenter* (tokenizer.py) cuts it into chunks: a
-GPT-2 token's bytes, a word and the space after it, or every P bytes. The
-*pooling encoder* here turns each chunk's bytes into one vector for the
-transformer core, and the *byte decoder head* turns the core's output at chunk
-s into the bytes of chunk s + 1, one byte at a time and then an end-of-chunk
-symbol. So the core runs over chunks, as a BPE model runs over tokens, while
-the vocabulary is 256 bytes.
+The design is SpaceByte's (Slagle 2024), which beats both byte-level and BPE
+transformers at equal compute:
 
-STLM's own code (Hillier et al., 2024) pools at GPT-2 token boundaries, cuts
-every token to 12 bytes, averages over padding too, and predicts the 12 bytes
-of the next token in parallel. Here instead:
-- a chunk longer than max_chunk_bytes is split, never truncated, and the codec
-  is lossless for any bytes (invalid UTF-8, characters split across chunks, NUL);
-- padding is masked out of the encoder's attention and out of the pooling;
-- the decoder is autoregressive within the chunk and ends it with its own
-  symbol, so every byte string gets a proper probability, and
-- the loss counts nats over every predicted byte and end-of-chunk symbol, so
-  bits per byte compares directly with BPE and plain byte models.
+    bytes ──> embedding ──> local layers (in) ──┬──> + ──> local layers (out) ──> next-byte logits
+                                                │    ^
+                              at chunk ends: up ─> core (model.py's GPT blocks) ─> down
 
-    python byte_tokenizer.py "some text"     # its chunks under each segmenter, and parameter counts
+- Every byte goes through a few *narrow local layers* (width byte_width) with
+  causal attention over a sliding window of the last byte_window bytes.
+- At the last byte of each chunk (a *chunk end*) that byte's vector is
+  projected up to the core's width, and the core, the project's own GPT
+  blocks, runs over the chunk ends only: a sequence 3-6x shorter than the
+  bytes, so the core can be wider or deeper at the same cost.
+- The core's output is projected down and added back into the byte stream at
+  the same chunk-end positions; more local layers then predict every next
+  byte. So a byte prediction sees the actual bytes before it (the local path)
+  and everything the core made of the chunks so far.
 
-Layout of a batch: chunks are rows of byte values padded with PAD (-1), shape
-(batch, chunks, width) with width <= max_chunk_bytes, like token ids (batch,
-tokens) with one more axis.
+The loss is plain next-byte cross-entropy over every byte, the same unit as a
+`bytes` model's, and the probability of a text is the product of its bytes'
+probabilities: a proper distribution over byte strings, so bits per byte
+compares directly with `bytes` and `bpe` models (train.evaluate). The data is
+plain bytes (data/prepare.py's default tokenization); the model finds the
+chunk ends itself, from the bytes.
+
+Which boundary rules are valid where. The model conditions on where chunks
+end, so whether byte t ends a chunk must be decidable from bytes 0..t alone;
+otherwise the prediction of byte t + 1 would leak information about it.
+- `space` (SpaceByte's rule, tokenizer.is_spacelike): byte t ends a chunk if
+  it is spacelike (not a letter, digit or UTF-8 continuation byte) and byte
+  t - 1 is not; a chunk that reaches max_chunk_bytes ends there too. Both
+  depend on the past only: valid.
+- `fixed`: every fixed_chunk_bytes bytes, counted from the window's start:
+  valid.
+- `gpt2` (STLM's choice): not valid here. BPE merges look ahead: whether
+  "the" is a token or the start of "there" depends on the bytes after it, so
+  a flat byte model cannot condition on GPT-2 token ends, and the config
+  refuses it. tokenizer.Segmenter("gpt2") still cuts text into GPT-2 chunks
+  exactly (`python byte_tokenizer.py "text"` shows them), for comparing where
+  the rules cut.
+
+Chunk ends are found within each window the model reads (the first byte of a
+window has no byte before it), so a training window, an evaluation window and
+a generation window all follow the same rule.
+
+    python byte_tokenizer.py "some text"     # its chunks under each rule, and parameter counts
 """
 
-import math
 import sys
 from dataclasses import dataclass
 
@@ -36,39 +58,63 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError, parse_config, run
-from tokenizer import (BYTE_VOCAB, FIXED_CHUNK_BYTES, GPT2_VOCAB, MAX_CHUNK_BYTES, PAD, SEGMENTERS, Segmenter,
-                       join_chunks)
+from tokenizer import (BYTE_VOCAB, FIXED_CHUNK_BYTES, GPT2_VOCAB, MAX_CHUNK_BYTES, SEGMENTERS, Segmenter,
+                       is_spacelike, join_chunks)
 
-START_OF_CHUNK = BYTE_VOCAB  # decoder input symbol before a chunk's first byte
-END_OF_CHUNK = BYTE_VOCAB  # decoder output symbol after a chunk's last byte
-DECODER_SYMBOLS = BYTE_VOCAB + 1  # 256 bytes and one of the two symbols above
-# default sizes of the encoder and decoder: small next to the core, and cheap, as they run on every byte
+BOUNDARIES = ("space", "fixed")  # the rules a flat byte model may condition on (see above)
+# default sizes of the local byte layers: narrow next to the core, as they run on every byte
 BYTE_WIDTH = 64
-BYTE_HEADS = 2  # head size 32: fewer, wider heads run faster over such short sequences
-ENCODER_LAYERS = 1
-DECODER_LAYERS = 2
-POOLINGS = ("mean", "attention")
+BYTE_HEADS = 2  # head size 32: fewer, wider heads run faster over short windows
+BYTE_LAYERS_IN = 2  # local layers before the core
+BYTE_LAYERS_OUT = 2  # local layers after it
+BYTE_WINDOW = 64  # bytes each local layer attends to: about ten words back
+
+
+def refuse_gpt2_boundaries():
+    raise UserError("--boundary=gpt2 cannot be used in a flat byte model: a GPT-2 token's end depends on the bytes "
+                    "after it (BPE merges look ahead); use --boundary=space or --boundary=fixed")
 
 
 # ----------------------------------------------------------------------------
-# the byte transformer both the encoder and the decoder are made of
-#
-# Chunks vary in length (GPT-2 tokens in English: 1 to 16 bytes, about 3 on
-# average), so a padded (chunks, longest) layout would spend most of its work
-# on padding. Every position-wise layer (projections, MLP, norms, the head)
-# therefore runs on the real positions only, packed into one (P, width)
-# tensor; only attention, which mixes positions within a chunk, unpacks them
-# into the padded layout. `real` (N, L) says where each packed row sits.
+# where chunks end, from the bytes seen so far
 
-def unpack(packed, real, fill=0.0):
-    """(P, ...) rows of the real positions -> (N, L, ...) padded with fill."""
-    padded = packed.new_full((*real.shape, *packed.shape[1:]), fill)
-    padded[real] = packed
-    return padded
+def chunk_ends(idx, boundary, max_chunk_bytes=MAX_CHUNK_BYTES, fixed_chunk_bytes=FIXED_CHUNK_BYTES):
+    """
+    (B, T) bool: True where byte t is the last byte of a chunk, from bytes
+    0..t only. The same cuts as tokenizer.Segmenter(boundary, ...) makes of
+    the window (a test checks it), except that the window's last byte is an
+    end only if the rule says so.
+    """
+    B, T = idx.shape
+    t = torch.arange(T, device=idx.device)
+    if boundary == "fixed":
+        return ((t + 1) % fixed_chunk_bytes == 0).expand(B, T)
+    spacelike = is_spacelike(idx)
+    after_spacelike = F.pad(spacelike[:, :-1], (1, 0), value=False)  # the first byte has nothing before it
+    natural = spacelike & ~after_spacelike
+    # a chunk that reaches max_chunk_bytes ends there: every max_chunk_bytes bytes after the last natural end
+    last_natural = torch.where(natural, t, -1).cummax(dim=1).values  # at or before t
+    before = F.pad(last_natural[:, :-1], (1, 0), value=-1)  # strictly before t
+    return natural | ((t - before) % max_chunk_bytes == 0)
+
+
+# ----------------------------------------------------------------------------
+# the local layers: narrow, causal, over a sliding window of bytes
+
+def window_mask(T, start, window, device):
+    """
+    (T, start + T) bool: byte start + i sees byte j if j <= start + i and it is
+    less than window bytes back. A dense mask: the window bounds what a byte
+    sees, not the work (at a context of a few hundred bytes, attention is a
+    small share of a byte layer's cost; a blocked kernel would save the rest).
+    """
+    query = torch.arange(start, start + T, device=device)[:, None]
+    key = torch.arange(start + T, device=device)
+    return (key <= query) & (query - key < window)
 
 
 class ByteBlock(nn.Module):
-    """A pre-norm transformer block over the bytes of each chunk. The caller says who attends to whom."""
+    """A pre-norm transformer block over bytes; the mask says who sees whom."""
 
     def __init__(self, width, n_head):
         super().__init__()
@@ -77,171 +123,131 @@ class ByteBlock(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.attn_out = nn.Linear(width, width, bias=False)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.fc = nn.Linear(width, 4 * width, bias=False)
+        self.proj = nn.Linear(4 * width, width, bias=False)
 
-    def forward(self, x, real, causal=False):
+    def forward(self, x, mask, cache=None):
         """
-        x (P, width) packed real positions. causal: position i sees positions
-        <= i (the real ones are a prefix of each row, so padding stays unseen);
-        otherwise every real position sees every real position of its chunk.
+        x (B, T, width); mask (T, S): the S keys are the cached ones and these T.
+        cache: None, or a list, empty or [k, v], that this call extends in place.
         """
-        (N, L), C = real.shape, x.size(-1)
-        qkv = unpack(self.qkv(self.ln_1(x)), real)
-        q, k, v = qkv.view(N, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        mask = None if causal else real[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        x = x + self.attn_out(y.transpose(1, 2).reshape(N, L, C)[real])
-        return x + self.mlp(self.ln_2(x))
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.attn_out(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.proj(F.relu(self.fc(self.ln_2(x))).square())  # ReLU squared, as cpu-tiny's core
 
 
 # ----------------------------------------------------------------------------
-# the pooling encoder: a chunk's bytes -> one vector for the core
+# the pooled byte model around the core
 
-class PooledEmbedder(nn.Module):
+class PooledCache:
     """
-    Byte embedding + position within the chunk, a small bidirectional
-    transformer over the chunk's real bytes, then a masked mean (or a learned
-    attention) over them, projected to the core's width.
+    What generation keeps between bytes: the window's bytes (to find chunk
+    ends) and where chunks ended, each local layer's keys and values, and the
+    core's own cache of chunk positions. length counts bytes; setting it
+    lower forgets the bytes after (0 starts over; bench.py rewinds a step).
     """
 
-    def __init__(self, n_embd, width, n_head, n_layer, max_chunk_bytes, pooling="mean"):
-        super().__init__()
-        self.byte_embedding = nn.Embedding(BYTE_VOCAB, width)
-        self.position = nn.Embedding(max_chunk_bytes, width)
-        self.blocks = nn.ModuleList([ByteBlock(width, n_head) for _ in range(n_layer)])
-        self.ln = nn.LayerNorm(width)
-        # attention pooling scores each byte against a learned query; zero at the start, so it begins as the mean
-        self.query = nn.Parameter(torch.zeros(width)) if pooling == "attention" else None
-        self.proj = nn.Linear(width, n_embd)
+    def __init__(self, core_cache, n_local_layers):
+        if core_cache.k.size(1) != 1:
+            raise UserError("a pooled model generates one sequence at a time with the KV cache (rows reach chunk "
+                            "ends at different bytes): use batch size 1, or use_cache=False")
+        self.core = core_cache
+        self.local = [[] for _ in range(n_local_layers)]
+        self.bytes = self.ends = None
 
-    def forward(self, chunks):
-        """chunks (B, T, L) byte values padded with PAD -> (B, T, n_embd)."""
-        return self.pool(chunks, chunks >= 0)
+    @property
+    def length(self):
+        return 0 if self.bytes is None else self.bytes.size(1)
 
-    def pool(self, values, mask):
-        """values (B, T, L) and mask (B, T, L), True for a chunk's bytes: what a padded position holds is never read."""
-        B, T, L = values.shape
-        real = mask.flatten(0, 1)
-        positions = torch.arange(L, device=values.device).expand(B * T, L)
-        x = self.byte_embedding(values.flatten(0, 1)[real]) + self.position(positions[real])
-        for block in self.blocks:
-            x = block(x, real)
-        x = self.ln(x)
-        if self.query is None:
-            weights = 1.0 / real.sum(-1, keepdim=True).clamp(min=1).expand(B * T, L)[real]
+    @length.setter
+    def length(self, value):
+        if not 0 <= value <= self.length:
+            raise ValueError(f"a pooled cache of {self.length} bytes cannot grow to {value} without them")
+        if value == 0:
+            self.bytes = self.ends = None
+            self.local = [[] for _ in self.local]
         else:
-            scores = unpack(x @ self.query / math.sqrt(x.size(-1)), real, float("-inf"))
-            weights = scores.softmax(-1)[real]
-        rows = torch.arange(B * T, device=values.device)[:, None].expand(B * T, L)[real]  # the chunk of each position
-        pooled = x.new_zeros(B * T, x.size(-1)).index_add(0, rows, weights[:, None] * x)
-        return self.proj(pooled).view(B, T, -1)
+            self.bytes, self.ends = self.bytes[:, :value], self.ends[:, :value]
+            self.local = [[k[:, :, :value], v[:, :, :value]] for k, v in self.local]
+        self.core.length = 0 if value == 0 else int(self.ends.sum())
 
 
-# ----------------------------------------------------------------------------
-# the byte decoder head: the core's output at chunk s -> the bytes of chunk s + 1
-
-def allowed_symbols(max_chunk_bytes):
+class PooledBytes(nn.Module):
     """
-    (max_chunk_bytes + 1, DECODER_SYMBOLS) bool: what may come at each position
-    of a chunk. A chunk has 1..max_chunk_bytes bytes, so the first symbol is a
-    byte and after max_chunk_bytes bytes only the end is possible. With these
-    masks the decoder's probabilities over all chunks sum to exactly 1.
-    """
-    allowed = torch.ones(max_chunk_bytes + 1, DECODER_SYMBOLS, dtype=torch.bool)
-    allowed[0, END_OF_CHUNK] = False
-    allowed[max_chunk_bytes, :BYTE_VOCAB] = False
-    return allowed
-
-
-def chunk_targets(chunks):
-    """(B, T, L) chunks -> (B, T, L + 1) decoder targets: the bytes, END_OF_CHUNK, then PAD."""
-    lengths = (chunks >= 0).sum(-1, keepdim=True)
-    targets = torch.cat([chunks, chunks.new_full((*chunks.shape[:-1], 1), PAD)], dim=-1)
-    return targets.scatter(-1, lengths, END_OF_CHUNK)
-
-
-class ByteDecoder(nn.Module):
-    """
-    A small causal transformer conditioned on one core output: input
-    START_OF_CHUNK, b1, ..., bL; output b1, ..., bL, END_OF_CHUNK. Trained on
-    whole chunks at once by teacher forcing, sampled one byte at a time.
+    Bytes (B, T) in, final byte states (B, T, width) out; the caller's core
+    (a function from (B, S, n_embd) vectors and its cache to (B, S, n_embd),
+    GPT.core) runs at the chunk ends. The head is the byte embedding, tied.
     """
 
-    def __init__(self, n_embd, width, n_head, n_layer, max_chunk_bytes):
+    def __init__(self, n_embd, block_size, width=BYTE_WIDTH, n_head=BYTE_HEADS, layers_in=BYTE_LAYERS_IN,
+                 layers_out=BYTE_LAYERS_OUT, window=BYTE_WINDOW, boundary="space", max_chunk_bytes=MAX_CHUNK_BYTES,
+                 fixed_chunk_bytes=FIXED_CHUNK_BYTES):
         super().__init__()
-        self.max_chunk_bytes = max_chunk_bytes
-        self.condition = nn.Linear(n_embd, width)
-        self.byte_embedding = nn.Embedding(BYTE_VOCAB + 1, width)  # + START_OF_CHUNK
-        self.position = nn.Embedding(max_chunk_bytes + 1, width)
-        self.blocks = nn.ModuleList([ByteBlock(width, n_head) for _ in range(n_layer)])
+        self.window, self.boundary = window, boundary
+        self.max_chunk_bytes, self.fixed_chunk_bytes = max_chunk_bytes, fixed_chunk_bytes
+        self.byte_embedding = nn.Embedding(BYTE_VOCAB, width)
+        self.position = nn.Embedding(block_size, width)
+        self.layers_in = nn.ModuleList([ByteBlock(width, n_head) for _ in range(layers_in)])
+        self.up = nn.Linear(width, n_embd, bias=False)  # a chunk end's byte state -> the core's input
+        self.down = nn.Linear(n_embd, width, bias=False)  # the core's output -> added to that byte's state
+        self.layers_out = nn.ModuleList([ByteBlock(width, n_head) for _ in range(layers_out)])
         self.ln = nn.LayerNorm(width)
-        self.head = nn.Linear(width, DECODER_SYMBOLS, bias=False)  # 256 bytes + END_OF_CHUNK
-        self.register_buffer("allowed", allowed_symbols(max_chunk_bytes), persistent=False)
 
-    def forward(self, h, chunks):
-        """
-        Packed logits (P, DECODER_SYMBOLS) for the chunks (B, T, L), padded
-        with PAD, that follow the core outputs h (B, T, n_embd). Position i of
-        a chunk predicts its byte i + 1 (or the end) from the bytes before it;
-        the P rows are the positions where chunk_targets(chunks) is not PAD, in
-        order. unpack(logits, chunk_targets(chunks) >= 0) lays them out (B, T, L + 1, ...).
-        """
-        B, T, L = chunks.shape
-        real = (chunk_targets(chunks) >= 0).flatten(0, 1)  # START_OF_CHUNK and the bytes: L + 1 positions
-        start = torch.full((B * T, 1), START_OF_CHUNK, dtype=chunks.dtype, device=chunks.device)
-        inputs = torch.cat([start, chunks.flatten(0, 1)], dim=-1)[real]
-        positions = torch.arange(L + 1, device=chunks.device).expand(B * T, L + 1)[real]
-        rows = torch.arange(B * T, device=chunks.device)[:, None].expand(B * T, L + 1)[real]
-        # the core's output reaches every position of its chunk
-        x = self.byte_embedding(inputs) + self.position(positions) + self.condition(h.flatten(0, 1))[rows]
-        for block in self.blocks:
-            x = block(x, real, causal=True)
-        logits = self.head(self.ln(x))
-        return logits.masked_fill(~self.allowed[positions], float("-inf"))
+    def ends(self, idx):
+        return chunk_ends(idx, self.boundary, self.max_chunk_bytes, self.fixed_chunk_bytes)
 
-    @torch.no_grad()
-    def sample(self, h, pick):
-        """
-        The chunk after core outputs h (B, n_embd), byte by byte: (B, 1,
-        max_chunk_bytes) padded with PAD. pick(logits (B, DECODER_SYMBOLS))
-        returns (B, 1) symbols: greedy, temperature, top-k, as the caller wants.
-        """
-        B = h.size(0)
-        chunk = torch.full((B, self.max_chunk_bytes), PAD, dtype=torch.long, device=h.device)
-        ended = torch.zeros(B, dtype=torch.bool, device=h.device)
-        for i in range(self.max_chunk_bytes):
-            # every row still open has i bytes: its last packed position is the next symbol's
-            prefix = torch.where(ended[:, None], 0, chunk[:, :i])  # ended rows: any bytes, ignored
-            logits = self(h[:, None], prefix[:, None]).view(B, i + 1, DECODER_SYMBOLS)[:, -1]
-            symbol = pick(logits)[:, 0]
-            ended |= symbol == END_OF_CHUNK
-            chunk[:, i] = torch.where(ended, PAD, symbol)
-            if ended.all():
-                break
-        return chunk[:, None]
+    def forward(self, idx, core, cache=None):
+        """Final byte states (B, T, width) of bytes idx (B, T), continuing cache (a PooledCache) if given."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        seen = idx if cache is None else torch.cat([x for x in (cache.bytes, idx) if x is not None], dim=1)
+        all_ends = self.ends(seen)  # decided from the bytes so far, never the ones after
+        if cache is not None:
+            cache.bytes, cache.ends = seen, all_ends
+        ends = all_ends[:, start:]
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.byte_embedding(idx) + self.position(positions)
+        mask = window_mask(T, start, self.window, idx.device)
+        for i, block in enumerate(self.layers_in):
+            x = block(x, mask, None if cache is None else cache.local[i])
+        x = x + self.run_core(x, ends, core, None if cache is None else cache.core)
+        for i, block in enumerate(self.layers_out, start=len(self.layers_in)):
+            x = block(x, mask, None if cache is None else cache.local[i])
+        return self.ln(x)
 
-
-def chunk_loss(logits, chunks, reduction="mean"):
-    """
-    Nats over every predicted byte and end-of-chunk symbol, from the decoder's
-    packed logits: summed (reduction="sum"), or divided by the number of bytes
-    ("mean": nats per byte of text, which is bits per byte times ln 2).
-    """
-    targets = chunk_targets(chunks)
-    nats = F.cross_entropy(logits, targets[targets >= 0], reduction="sum")
-    if reduction == "sum":
-        return nats
-    return nats / (chunks >= 0).sum().clamp(min=1)
+    def run_core(self, x, ends, core, core_cache=None):
+        """
+        The core's contribution (B, T, width): its outputs at the chunk ends,
+        zero elsewhere. Rows hold different numbers of chunk ends; each row's
+        ends are gathered in order into (B, S) slots, S the most in any row, and
+        the spare slots after a row's last end run through the core unread
+        (the core is causal, so they change nothing before them).
+        """
+        B, T, C = x.shape
+        counts = ends.sum(dim=1)
+        S = int(counts.max()) if B else 0
+        if S == 0:
+            return torch.zeros_like(x)
+        t = torch.arange(T, device=x.device)
+        order = torch.where(ends, t, T + t).argsort(dim=1)[:, :S]  # each row's end positions first, in order
+        used = (torch.arange(S, device=x.device) < counts[:, None])[..., None]
+        gather = order[..., None].expand(B, S, C)
+        y = self.down(core(self.up(x.gather(1, gather)), core_cache)) * used
+        return torch.zeros_like(x).scatter_add(1, gather, y)
 
 
 # ----------------------------------------------------------------------------
 # parameter counts
 
-def pooled_parameters(n_embd, width, n_head, encoder_layers, decoder_layers, max_chunk_bytes, pooling="mean"):
-    """Parameters of the pooled embedder + byte decoder for a core of width n_embd."""
-    modules = (PooledEmbedder(n_embd, width, n_head, encoder_layers, max_chunk_bytes, pooling),
-               ByteDecoder(n_embd, width, n_head, decoder_layers, max_chunk_bytes))
-    return sum(p.numel() for m in modules for p in m.parameters())
+def pooled_parameters(n_embd, block_size, **sizes):
+    """Parameters of everything around the core (embedding, local layers, projections; the head is tied)."""
+    return sum(p.numel() for p in PooledBytes(n_embd, block_size, **sizes).parameters())
 
 
 # ----------------------------------------------------------------------------
@@ -251,10 +257,11 @@ class ShowConfig:
     max_chunk_bytes: int = MAX_CHUNK_BYTES
     fixed_chunk_bytes: int = FIXED_CHUNK_BYTES
     n_embd: int = 128  # the core's width (cpu-tiny)
+    block_size: int = 256  # bytes of context
     byte_width: int = BYTE_WIDTH
     byte_heads: int = BYTE_HEADS
-    encoder_layers: int = ENCODER_LAYERS
-    decoder_layers: int = DECODER_LAYERS
+    byte_layers_in: int = BYTE_LAYERS_IN
+    byte_layers_out: int = BYTE_LAYERS_OUT
 
 
 DEFAULT_TEXT = "Super tiny models: naïve café, 東京, 🙂!"
@@ -276,12 +283,13 @@ def main(argv=None):
             print(f"{name:>6}: unavailable ({e})")
             continue
         assert join_chunks(chunks) == data  # the codec is lossless
-        print(f"{name:>6}: {len(chunks)} chunks, {len(data) / max(1, len(chunks)):.2f} bytes each: "
+        use = "a pooled model's rule" if name in BOUNDARIES else "looks ahead: not for the model"
+        print(f"{name:>6}: {len(chunks)} chunks, {len(data) / max(1, len(chunks)):.2f} bytes each ({use}): "
               + " | ".join(repr(c)[2:-1] for c in chunks))
-    pooled = pooled_parameters(config.n_embd, config.byte_width, config.byte_heads, config.encoder_layers,
-                               config.decoder_layers, config.max_chunk_bytes)
+    pooled = pooled_parameters(config.n_embd, config.block_size, width=config.byte_width, n_head=config.byte_heads,
+                               layers_in=config.byte_layers_in, layers_out=config.byte_layers_out)
     tied = GPT2_VOCAB * config.n_embd
-    print(f"pooled embedder + byte decoder at width {config.n_embd}: {pooled:,} parameters; "
+    print(f"pooled byte layers around a core of width {config.n_embd}: {pooled:,} parameters; "
           f"a tied GPT-2 embedding ({GPT2_VOCAB:,} x {config.n_embd}): {tied:,} ({pooled / tied:.1%} of it)")
 
 

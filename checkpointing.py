@@ -90,7 +90,20 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"{path} has checkpoint version {checkpoint.get('version')}, this code reads {CHECKPOINT_VERSION}")
     if "model" not in checkpoint or "model_config" not in checkpoint:
         raise UserError(f"{path} holds no model (no 'model' and 'model_config' entries)")
+    drop_retired_pooling_keys(checkpoint["model_config"], path)
     return checkpoint
+
+
+RETIRED_POOLING_KEYS = ("encoder_layers", "decoder_layers", "pooling")  # the earlier, per-chunk pooled design's
+
+
+def drop_retired_pooling_keys(model_config, path):
+    """Every checkpoint from before the flat pooled model holds these keys: a token model loads without them."""
+    if model_config.get("embedder") == "pooled" and "pooling" in model_config:
+        raise UserError(f"{path} is a pooled model of the earlier design (a byte decoder per chunk), which this code "
+                        "no longer runs: train a new one with --embedder=pooled on bytes data")
+    for key in RETIRED_POOLING_KEYS:
+        model_config.pop(key, None)
 
 
 # ----------------------------------------------------------------------------

@@ -437,9 +437,6 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
     distilling = config.alpha > 0 or config.hidden_weight > 0
     loss_fn, batch_fn = train.language_model_loss, train.get_batch  # alpha = 0: exactly train.py
     t0 = time.perf_counter()
-    if dataset.meta["tokenization"] == "pooled" and (distilling or config.teacher_dataset or config.cache_tokens):
-        raise UserError("a pooled student cannot be distilled yet: distill a bytes student "
-                        "(--teacher_dataset for a BPE teacher) or train the pooled model with train.py")
     teacher_data = byte_targets.load_teacher_dataset(config.teacher_dataset, dataset) if config.teacher_dataset else dataset
     if not 0 <= config.cache_tokens <= len(teacher_data.train):
         raise UserError(f"--cache_tokens must be between 0 (all) and the {len(teacher_data.train):,} "
@@ -463,7 +460,9 @@ def distill(config, train_config, dist, device, dataset, model, optimizer, state
                 if dist.world_size > 1:
                     raise UserError("--hidden_weight runs the student outside DDP's forward: use one process")
                 # a learned map from the student's width to the teacher's, trained with the student
-                projection = nn.Linear(model.config.n_embd, teacher.n_embd, bias=False).to(device)
+                # (a pooled student's final hidden states are its byte states, byte_width wide)
+                width = model.config.byte_width if model.config.embedder == "pooled" else model.config.n_embd
+                projection = nn.Linear(width, teacher.n_embd, bias=False).to(device)
                 optimizer = train.make_optimizer(nn.ModuleList([model, projection]), train_config, device)
         else:
             context = config.teacher_context or model.config.block_size

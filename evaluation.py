@@ -10,20 +10,12 @@ Bits per byte comes from train.evaluate, the project's one such function, over
 the checkpoint's own dataset (or --dataset). Tasks run through an
 lm-evaluation-harness model, `stlm` (the class StlmLM below, registered when
 this file is imported), that scores with the model's own probabilities, so
-byte, BPE and pooled models are compared on the same tasks:
-- a token model (bytes, bpe, hf:) gives log p(continuation | context) summed
+byte, BPE and pooled byte models are compared on the same tasks:
+- every model (bytes, bpe, hf:; a pooled model reads bytes) gives log p(continuation | context) summed
   over the continuation's tokens, split as lm-eval's Hugging Face model splits
   them (the whole text is tokenized; the context's token count marks the cut;
   trailing spaces of the context move to the continuation). On an exported
   model `lm_eval --model hf` therefore gives the same numbers.
-- a pooled model reads byte chunks (tokenizer segmenters), and a chunk may
-  straddle the context/continuation boundary, so "the continuation's units"
-  does not exist. Its score is log p(context + continuation) - log p(context),
-  each an exact probability of a whole text, chunked as the model was trained.
-  With the context fixed, ranking choices by it is ranking by p(context +
-  continuation), the quantity a language model defines; dividing it by the
-  continuation's length (acc_norm) compares per byte of continuation. It is
-  not bounded by 0: the two texts may be chunked differently at the boundary.
 - no model here has a start-of-text symbol, so an empty context (and every
   text of loglikelihood_rolling) is scored after a newline, EMPTY_CONTEXT.
 - a context longer than the model's block_size is cut from the left; a
@@ -51,13 +43,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import byte_tokenizer
 import hardware
 import train
 from cli import UserError, parse_config, run
 from export import require
 from model import load_checkpoint, model_from_checkpoint
-from tokenizer import ChunkedBytes, encode, token_byte_table, unit_to_bytes
+from tokenizer import encode, token_byte_table, unit_to_bytes
 
 try:  # lm-eval is an optional extra: the bits-per-byte half of this file works without it
     from lm_eval.api.model import LM
@@ -66,7 +57,7 @@ except ImportError:
     LM, register_model = object, None
 
 EMPTY_CONTEXT = "\n"  # what a text with no context is scored after: the model has no start-of-text symbol
-MAX_GEN_UNITS = 256  # generate_until's default limit, in tokens (or chunks), when the task sets none
+MAX_GEN_UNITS = 256  # generate_until's default limit, in tokens, when the task sets none
 # the local task written by --make_task: a val passage, then its true next characters among distractors
 TASK_NAME = "stlm_continuation"
 CONTEXT_CHARS = 200
@@ -109,11 +100,8 @@ def dataset_for(checkpoint, name=""):
 
 def val_text(dataset, n_bytes):
     """The first n_bytes of the validation text, as a string (a cut character is dropped)."""
-    if isinstance(dataset.val, ChunkedBytes):
-        data = bytes(dataset.val.data[:n_bytes])
-    else:  # every token stands for at least one byte: n_bytes tokens are enough
-        table = token_byte_table(dataset.meta["tokenization"])
-        data = b"".join(table[token] for token in dataset.val[:n_bytes].tolist())
+    table = token_byte_table(dataset.meta["tokenization"])  # every token is at least one byte: n_bytes are enough
+    data = b"".join(table[token] for token in dataset.val[:n_bytes].tolist())
     return data[:n_bytes].decode("utf-8", errors="ignore")
 
 
@@ -132,21 +120,19 @@ class StlmLM(LM):
             model, meta = model_from_checkpoint(checkpoint).to(device), checkpoint["data_meta"]
         self.model, self.meta = model.eval(), meta
         self.tokenization = meta["tokenization"]
-        self.pooled = self.tokenization == "pooled"
         self.to_bytes = unit_to_bytes(self.tokenization)
         self.block_size = model.config.block_size
 
     def units(self, text):
-        """Token ids (n,) or padded chunks (n, max_chunk_bytes) of a text, as the model was trained on."""
+        """Token ids (n,) of a text, as the model was trained on."""
         device = next(self.model.parameters()).device
-        units = torch.tensor(encode(self.tokenization, text, self.meta), dtype=torch.long, device=device)
-        return units.reshape(-1, self.model.config.max_chunk_bytes) if self.pooled else units
+        return torch.tensor(encode(self.tokenization, text), dtype=torch.long, device=device)
 
     @torch.no_grad()
     def score(self, units, first):
         """
         (log p of units[first:] given the units before them, whether each was
-        the model's greedy choice; None for a pooled model). Scored in windows
+        the model's greedy choice). Scored in windows
         of at most block_size inputs, each target seeing as much context as fits.
         """
         logp, greedy, start = 0.0, True, first
@@ -157,14 +143,9 @@ class StlmLM(LM):
             # the model's own head and loss, as GPT.forward applies them, on the scored positions only
             h = self.model.hidden_states(x)[:, start - 1 - low:]
             y = y[:, start - 1 - low:]
-            if self.pooled:
-                logits = self.model.lm_head(h, y)
-                logp -= byte_tokenizer.chunk_loss(logits, y, reduction="sum").item()
-                greedy = None
-            else:
-                logits = self.model.head(h)  # soft-capped, as GPT.forward does
-                logp -= F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-                greedy = greedy and bool((logits.argmax(-1) == y).all())
+            logits = self.model.head(h)  # soft-capped, as GPT.forward does
+            logp -= F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            greedy = greedy and bool((logits.argmax(-1) == y).all())
             start = end
         return logp, greedy
 
@@ -173,21 +154,7 @@ class StlmLM(LM):
         prefix, units = self.units(EMPTY_CONTEXT), self.units(text)
         return self.score(torch.cat([prefix, units]), len(prefix))[0]
 
-    def greedy_continues(self, context, continuation):
-        """Whether greedy decoding after context produces continuation's bytes first (a pooled model's is_greedy)."""
-        target = continuation.encode("utf-8")
-        prompt = torch.cat([self.units(EMPTY_CONTEXT), self.units(context)])[-self.block_size:]
-        produced = b""
-        for unit in self.model.generate_stream(prompt[None], len(target), temperature=0):
-            produced += self.to_bytes(unit)
-            if len(produced) >= len(target) or not target.startswith(produced):  # done, or already wrong
-                break
-        return produced.startswith(target)
-
     def loglikelihood_one(self, context, continuation):
-        if self.pooled:
-            logp = self.text_logp(context + continuation) - (self.text_logp(context) if context else 0.0)
-            return logp, self.greedy_continues(context, continuation)
         spaces = len(context) - len(context.rstrip())  # as lm-eval's hf model: " Paris" is one BPE token
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation

@@ -88,8 +88,8 @@ LLAMA_SHAPE = {"norm": "rmsnorm", "pos": "rope", "ffn": "swiglu"}
 HANDLED_KEYS = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn", "ffn_hidden", "norm",
                 "pos", "rope_theta", "bias", "dropout", "tie_embeddings", "block_repeat", "share_ffn", "embedder",
                 # settings of modules an exportable model does not have
-                "anneal_fraction", "anneal_iters", "max_chunk_bytes", "byte_width", "byte_heads", "encoder_layers",
-                "decoder_layers", "pooling", "ffn_merged", "ffn_norm_folded"}
+                "anneal_fraction", "anneal_iters", "boundary", "max_chunk_bytes", "fixed_chunk_bytes", "byte_width",
+                "byte_heads", "byte_layers_in", "byte_layers_out", "byte_window", "ffn_merged", "ffn_norm_folded"}
 
 
 def architecture(config):
@@ -100,7 +100,7 @@ def architecture(config):
         raise UserError(f"--{unknown[0]}={getattr(config, unknown[0])} is not something export.py can map to "
                         "GPT-2 or Llama yet: refusing rather than guessing")
     if config.embedder == "pooled":
-        raise UserError("a pooled model (--embedder=pooled: byte encoder and decoder) has no GPT-2 or Llama "
+        raise UserError("a pooled model (--embedder=pooled: byte layers around a per-chunk core) has no GPT-2 or Llama "
                         "equivalent; evaluate it with evaluation.py instead")
     if config.ffn in reparam.FFN_TYPES:
         raise UserError(f"--ffn={config.ffn} (merged or not) has a linear path neither GPT-2 nor Llama has: "

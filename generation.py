@@ -7,7 +7,7 @@ Generating text with a trained model: the KV cache, sampling, and the loop.
 (`model.generate` and `model.generate_stream` call these.) The loop runs the
 model's core through `model.hidden_states`, which fills a `KVCache` so each new
 token costs one position's work, and `model.next_token`, which turns the last
-hidden state into a sampled token (or a pooled model's chunk) with
+hidden state into a sampled token (a pooled model's: a byte) with
 `sample_next`: temperature, top-k and nucleus (top-p) sampling. On a CPU most of
 a token's time is Python launching ~570 small ops; `compile=True` runs each
 one-token step through one torch.compile'd graph instead (`static_step`).
@@ -78,8 +78,7 @@ def compiled_static_step(model):
 def generate_stream(model, idx, max_new_tokens, use_cache=True, compile=False, **sampling):
     """
     Yield sampled tokens one at a time, (B, 1) each, continuing the prompt idx
-    (B, T); a pooled model yields chunks (B, 1, max_chunk_bytes) continuing
-    prompt chunks (B, T, max_chunk_bytes). sampling: model.next_token's keywords.
+    (B, T); a pooled model's tokens are bytes. sampling: model.next_token's keywords.
 
     The model sees at most block_size tokens, and the two modes window them
     differently, so their samples part ways once the context is full:
@@ -104,7 +103,7 @@ def generate_stream(model, idx, max_new_tokens, use_cache=True, compile=False, *
         return
     keep = block_size - block_size // 2  # tokens kept when the window is full
     window = idx[:, -block_size:]  # the tokens the model conditions on
-    cache = KVCache(model.config, idx.size(0), idx.device, model.ln_f.weight.dtype)
+    cache = model.new_cache(idx.size(0), idx.device, model.ln_f.weight.dtype)  # a pooled model's: bytes too
     unseen = window  # tokens the cache has not seen yet
     step = compiled_static_step(model) if compile and model.config.embedder == "tokens" else None
     for _ in range(max_new_tokens):

@@ -19,8 +19,9 @@ A decoder-only GPT in the style of nanoGPT, with the knobs that matter for
 
 The embedder and head around the core are picked by `embedder`: `tokens` (a
 row per token id, BPE or plain bytes, vocab_size from the data) or `pooled`
-(byte_tokenizer.py: each chunk's bytes pooled into one vector, and a byte
-decoder for the next chunk). The data decides which; the core is the same.
+(byte_tokenizer.py, on bytes data: narrow byte layers over every byte, the
+core only at chunk ends, its outputs added back into the byte stream, and
+a next-byte head). The core is the same.
 
 `python model.py` prints the presets' parameter table and runs one forward pass.
 """
@@ -39,7 +40,7 @@ import generation
 import reparam
 from checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint  # noqa: F401
 from cli import UserError, parse_config, run
-from tokenizer import BYTE_VOCAB, MAX_CHUNK_BYTES
+from tokenizer import BYTE_VOCAB, FIXED_CHUNK_BYTES, MAX_CHUNK_BYTES
 
 INIT_STD = 0.02  # GPT-2's initialisation scale for every weight matrix
 NORM_EPS = 1e-5  # GPT-2's LayerNorm epsilon, used by both norms
@@ -71,14 +72,16 @@ class GPTConfig:
     anneal_iters: int = 1000  # rep_anneal: training steps until those channels are exactly linear
     ffn_merged: bool = False  # set by reparam.py: the rep_* FFN is merged into its inference form
     ffn_norm_folded: bool = False  # set by reparam.py: ln_2's scale and shift are folded into the FFN
-    # embedder and head (byte_tokenizer.py); embedder and max_chunk_bytes come from the data
-    embedder: str = "tokens"  # tokens | pooled: one vector per token id, or per chunk of bytes
-    max_chunk_bytes: int = MAX_CHUNK_BYTES
-    byte_width: int = byte_tokenizer.BYTE_WIDTH  # width of the pooling encoder and the byte decoder
+    # embedder and head: tokens, or (on bytes data) byte_tokenizer.py's pooled byte layers around the core
+    embedder: str = "tokens"  # tokens | pooled: the core runs per token, or once per chunk of bytes
+    boundary: str = "space"  # pooled: where chunks end, from the bytes seen so far: space | fixed
+    max_chunk_bytes: int = MAX_CHUNK_BYTES  # pooled, space: a chunk this long ends here
+    fixed_chunk_bytes: int = FIXED_CHUNK_BYTES  # pooled, fixed: the chunk size
+    byte_width: int = byte_tokenizer.BYTE_WIDTH  # width of the local byte layers
     byte_heads: int = byte_tokenizer.BYTE_HEADS
-    encoder_layers: int = byte_tokenizer.ENCODER_LAYERS  # bidirectional layers over a chunk's bytes before pooling
-    decoder_layers: int = byte_tokenizer.DECODER_LAYERS  # causal layers of the byte decoder
-    pooling: str = "mean"  # mean | attention
+    byte_layers_in: int = byte_tokenizer.BYTE_LAYERS_IN  # local byte layers before the core
+    byte_layers_out: int = byte_tokenizer.BYTE_LAYERS_OUT  # local byte layers after it
+    byte_window: int = byte_tokenizer.BYTE_WINDOW  # bytes each local layer attends to
 
     @property
     def head_dim(self):
@@ -101,12 +104,19 @@ class GPTConfig:
     def validate(self):
         """Raise a UserError naming the first inconsistent setting."""
         choices = {"ffn": ("gelu", "relu2", "swiglu", *reparam.FFN_TYPES), "norm": ("layernorm", "rmsnorm"),
-                   "pos": ("learned", "rope"), "embedder": ("tokens", "pooled"), "pooling": byte_tokenizer.POOLINGS}
+                   "pos": ("learned", "rope"), "embedder": ("tokens", "pooled")}
+        if self.embedder == "pooled":
+            if self.boundary == "gpt2":
+                byte_tokenizer.refuse_gpt2_boundaries()
+            choices["boundary"] = byte_tokenizer.BOUNDARIES
+            if self.vocab_size != BYTE_VOCAB:
+                raise UserError(f"a pooled model reads bytes, but the data has {self.vocab_size} token ids: prepare "
+                                "it with python data/prepare.py --tokenization=bytes")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{key}={getattr(self, key)} is not one of {', '.join(allowed)}")
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "block_repeat", "max_chunk_bytes",
-                    "byte_width", "byte_heads"):
+                    "fixed_chunk_bytes", "byte_width", "byte_heads", "byte_window"):
             if getattr(self, key) < 1:
                 raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
         if self.n_embd % self.n_head:
@@ -273,12 +283,14 @@ class GPT(nn.Module):
         config.validate()
         self.config = config
         if config.embedder == "pooled":
-            # a chunk's bytes in, the next chunk's bytes out: no vocabulary-sized matrix to tie
-            byte_sizes = (config.byte_width, config.byte_heads)
-            self.wte = byte_tokenizer.PooledEmbedder(config.n_embd, *byte_sizes, config.encoder_layers,
-                                                     config.max_chunk_bytes, config.pooling)
-            self.lm_head = byte_tokenizer.ByteDecoder(config.n_embd, *byte_sizes, config.decoder_layers,
-                                                      config.max_chunk_bytes)
+            # bytes in, next-byte logits out, the core in between at chunk ends: a 256-row table, not 50k
+            self.wte = byte_tokenizer.PooledBytes(
+                config.n_embd, config.block_size, config.byte_width, config.byte_heads, config.byte_layers_in,
+                config.byte_layers_out, config.byte_window, config.boundary, config.max_chunk_bytes,
+                config.fixed_chunk_bytes)
+            self.lm_head = nn.Linear(config.byte_width, BYTE_VOCAB, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.wte.byte_embedding.weight
         else:
             self.wte = nn.Embedding(config.vocab_size, config.n_embd)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -330,19 +342,32 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, cache=None, static=False):
         """
-        Final-norm outputs (B, T, n_embd) for token ids idx (B, T), or chunks
-        (B, T, L) for a pooled model, continuing `cache` if given. static: one
-        token at cache.position (see static_step); the caller advances the cache.
+        Final-norm outputs (B, T, n_embd) for token ids idx (B, T), continuing
+        `cache` if given; a pooled model's are its final byte states (B, T,
+        byte_width), the core run inside at chunk ends. static: one token at
+        cache.position (see static_step); the caller advances the cache.
         """
-        T = idx.size(1)
+        if self.config.embedder == "pooled":
+            return self.wte(idx, self.core, cache)
+        return self.core(self.wte(idx), cache, static)
+
+    def new_cache(self, batch_size, device, dtype):
+        """An empty KV cache for generation: the core's, or a pooled model's (its byte layers' and its core's)."""
+        cache = generation.KVCache(self.config, batch_size, device, dtype)
+        if self.config.embedder == "pooled":
+            return byte_tokenizer.PooledCache(cache, self.config.byte_layers_in + self.config.byte_layers_out)
+        return cache
+
+    def core(self, x, cache=None, static=False):
+        """The transformer core over input vectors x (B, T, n_embd): positions, blocks, final norm."""
+        T = x.size(1)
         if static:
             positions = cache.position
         else:
             start = cache.length if cache is not None else 0
             if start + T > self.config.block_size:
                 raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-            positions = torch.arange(start, start + T, device=idx.device)
-        x = self.wte(idx)
+            positions = torch.arange(start, start + T, device=x.device)
         if self.wpe is not None:
             x = x + self.wpe(positions)
         rotary = None
@@ -382,29 +407,17 @@ class GPT(nn.Module):
         """
         Logits (B, T, vocab) and, when targets are given, the cross-entropy in
         nats: the mean per token, or the sum with reduction="sum". A pooled
-        model needs the target chunks (B, T, L): its byte decoder reads them
-        (teacher forcing) and returns logits (P, 257), one row per predicted
-        byte or end of chunk (see byte_tokenizer.ByteDecoder); its mean is per
-        byte of text.
+        model's tokens are bytes, so its loss is nats per byte like a bytes model's.
         """
-        h = self.hidden_states(idx)
-        if self.config.embedder == "pooled":
-            if targets is None:
-                raise ValueError("a pooled model predicts a chunk's bytes given the chunk: pass targets")
-            logits = self.lm_head(h, targets)
-            return logits, byte_tokenizer.chunk_loss(logits, targets, reduction)
-        logits = self.head(h)
+        logits = self.head(self.hidden_states(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
         return logits, loss
 
     def next_token(self, h, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Sample what follows the core outputs h (B, n_embd): a (B, 1) token, or a pooled model's (B, 1, L) chunk."""
-        pick = lambda logits: generation.sample_next(logits, temperature, top_k, top_p, generator)  # noqa: E731
-        if self.config.embedder == "pooled":
-            return self.lm_head.sample(h, pick)  # the byte decoder picks the chunk byte by byte
-        return pick(self.head(h))
+        """Sample the (B, 1) token that follows final hidden states h (B, n_embd), or a pooled model's byte states."""
+        return generation.sample_next(self.head(h), temperature, top_k, top_p, generator)
 
     def generate_stream(self, idx, max_new_tokens, **options):
         """Sampled tokens one at a time: generation.generate_stream (KV cache, windowing, sampling)."""

@@ -47,7 +47,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError, parse_config, run
-from tokenizer import BYTE_VOCAB, PAD
 
 FFN_TYPES = ("linear", "rep_linear", "rep_parallel", "rep_anneal")  # the FFNs this file builds for model.py
 MERGEABLE = ("rep_linear", "rep_parallel", "rep_anneal")  # those with a training form to merge
@@ -326,25 +325,16 @@ def forward_flops(model, seq_len):
     from torch.utils.flop_counter import FlopCounterMode
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)  # the same input for every model compared
-    idx, targets = (random_inputs(model.config, 1, seq_len, generator).to(device) for _ in range(2))
+    idx = random_inputs(model.config, 1, seq_len, generator).to(device)
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        model(idx, targets if model.config.embedder == "pooled" else None)
+        model(idx)
     return counter.get_total_flops()
 
 
 def random_inputs(config, batch, seq_len, generator):
-    """
-    Random inputs the model accepts: token ids (batch, seq_len), or for a
-    pooled model chunks (batch, seq_len, max_chunk_bytes) of 1 to
-    max_chunk_bytes random bytes, padded with PAD.
-    """
-    if config.embedder != "pooled":
-        return torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
-    width = config.max_chunk_bytes
-    values = torch.randint(0, BYTE_VOCAB, (batch, seq_len, width), generator=generator)
-    lengths = torch.randint(1, width + 1, (batch, seq_len, 1), generator=generator)
-    return values.masked_fill(torch.arange(width) >= lengths, PAD)
+    """Random token ids (batch, seq_len) the model accepts (a pooled model's are bytes)."""
+    return torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
 
 
 # ----------------------------------------------------------------------------
@@ -359,12 +349,9 @@ class ReparamConfig:
     seed: int = 1337
 
 
-def max_logit_difference(model, merged, idx, targets):
-    # a pooled model's byte decoder reads the target chunks (teacher forcing): it has no logits without them
+def max_logit_difference(model, merged, idx):
     with torch.inference_mode():
-        a, b = model(idx, targets)[0], merged(idx, targets)[0]
-    # equal logits differ by 0, including the -inf of symbols a pooled model's decoder rules out
-    return torch.where(a == b, 0.0, (a - b).abs()).max().item()
+        return (model(idx)[0] - merged(idx)[0]).abs().max().item()
 
 
 def verify(model, merged, config, generator):
@@ -373,8 +360,8 @@ def verify(model, merged, config, generator):
     prompt; raise a UserError on any mismatch. A merge is an algebraic
     identity, so random inputs test it as well as real text would.
     """
-    idx, targets = (random_inputs(model.config, VERIFY_BATCH, model.config.block_size, generator) for _ in range(2))
-    diff = max_logit_difference(model, merged, idx, targets)
+    idx = random_inputs(model.config, VERIFY_BATCH, model.config.block_size, generator)
+    diff = max_logit_difference(model, merged, idx)
     print(f"max |logit difference| on random inputs: {diff:.2e} (tolerance {LOGIT_TOLERANCE:.0e})")
     if not diff <= LOGIT_TOLERANCE:
         raise UserError(f"merged model differs from the original by {diff:.2e}: not saved")

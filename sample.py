@@ -8,8 +8,8 @@ Generate text from a checkpoint written by train.py, streaming it as it comes.
 Generation uses the KV cache: each new token costs one position's work, not
 a pass over the whole context. Bytes that do not form valid UTF-8 (a byte
 model can emit any byte) are shown as the replacement character. A pooled
-model streams chunk by chunk, each sampled byte by byte; --max_new_tokens
-then counts chunks.
+byte model streams byte by byte like a bytes model: its byte layers and its
+core (at chunk ends) each keep a KV cache, and --max_new_tokens counts bytes.
 """
 
 import codecs
@@ -63,7 +63,7 @@ def read_prompt(prompt):
 
 
 def stream_sample(model, prompt_ids, to_bytes, config, generator, out=sys.stdout):
-    """Write one sample to out as it is generated; return the number of new tokens (or chunks)."""
+    """Write one sample to out as it is generated; return the number of new tokens."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character until it completes
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -94,7 +94,7 @@ def main(argv=None):
     model = model_from_checkpoint(checkpoint).to(device)
     tokenization = checkpoint["data_meta"]["tokenization"]
     to_bytes = unit_to_bytes(tokenization)
-    prompt_ids = encode(tokenization, prompt, checkpoint["data_meta"])
+    prompt_ids = encode(tokenization, prompt)
     if not prompt_ids:
         raise UserError("the prompt is empty: pass --prompt=TEXT (the default is a newline)")
     generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -85,9 +85,9 @@ def load_teacher(path, dataset, device):
             raise UserError(f"no teacher at {path}: train one first ({TEACHER_RECIPE}) or pass --teacher=PATH")
         checkpoint = load_checkpoint(path)
         teacher_tokens = checkpoint.get("data_meta", {}).get("tokenization")
-        if teacher_tokens == "pooled" or checkpoint["model_config"].get("embedder") == "pooled":
-            raise UserError(f"{path} is a pooled model: a teacher must predict tokens or bytes, train one without "
-                            "--tokenization=pooled data")
+        if checkpoint["model_config"].get("embedder") == "pooled":
+            raise UserError(f"{path} is a pooled byte model: distill.py takes a token or bytes teacher "
+                            "(train one without --embedder=pooled)")
         module = model_from_checkpoint(checkpoint).to(dtype)
         if teacher_tokens != dataset.meta["tokenization"] or module.config.vocab_size != dataset.meta["vocab_size"]:
             raise UserError(f"the teacher was trained on {teacher_tokens} tokens (vocabulary {module.config.vocab_size}), "

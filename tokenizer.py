@@ -1,13 +1,16 @@
 """
 Tokenization: how text becomes the numbers a model reads, and back.
 
-Every dataset in this project is one of four tokenizations of the same bytes:
+Every dataset in this project is one of three tokenizations of the same bytes:
 
 - `bytes`   one token per byte: vocabulary 256, nothing to learn, nothing lost.
 - `bpe`     GPT-2's byte-level BPE through tiktoken: 50,257 tokens of about 3-4 bytes each.
 - `hf:DIR`  a Hugging Face tokenizer from a local folder or .gguf file (a distillation teacher's).
-- `pooled`  the raw bytes cut into *chunks* by a segmenter; byte_tokenizer.py pools each
-            chunk's bytes into one vector for the core, so no 50k-row embedding is needed.
+
+A pooled byte model (byte_tokenizer.py) reads `bytes` data and cuts it into *chunks* itself.
+The segmenters here cut text the same ways (GPT-2 tokens, SpaceByte's spacelike rule,
+every N bytes) with a lossless codec for any bytes: the model's rules are tested against
+them, and `python byte_tokenizer.py "text"` shows where each rule cuts.
 
 Each token id stands for a fixed byte string (`token_byte_table`): that is how generated
 ids become text, and how many bytes of text a predicted token covers, the denominator of
@@ -32,15 +35,14 @@ BYTE_VOCAB = 256  # the byte vocabulary: one token per byte value
 GPT2_ENCODING = "gpt2"  # tiktoken's name for GPT-2's BPE
 GPT2_VOCAB = 50257  # its vocabulary: 50,000 merges, 256 bytes and <|endoftext|>
 HF_PREFIX = "hf:"  # "hf:<folder>" names a Hugging Face tokenization in meta.json
-TOKENIZATIONS = ("bytes", "bpe", "hf", "pooled")
+TOKENIZATIONS = ("bytes", "bpe", "hf")
 TOKEN_BYTES_NAME = "token_bytes.npy"  # beside a prepared dataset: the bytes of text each token id stands for
 
-# pooled data: how text is cut into chunks
+# chunks of bytes (byte_tokenizer.py): how text is cut
 SEGMENTERS = ("gpt2", "space", "fixed")
 MAX_CHUNK_BYTES = 16  # longer chunks are split; 99.9% of GPT-2 tokens in English text are shorter
 FIXED_CHUNK_BYTES = 4  # the fixed segmenter's chunk size: about a GPT-2 token's mean length in English
-PAD = -1  # padding in a batch of chunks (a byte value is never negative); the loss ignores it
-OFFSETS_DTYPE = "uint32"  # chunk boundaries on disk: byte offsets up to 4 GiB
+PAD = -1  # padding in rows of chunks (a byte value is never negative)
 
 
 # ----------------------------------------------------------------------------
@@ -121,22 +123,18 @@ def hf_token_bytes(tokenizer):
 # every tokenization: text -> ids, ids -> bytes
 
 def _unknown(tokenization):
-    return UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe, pooled or {HF_PREFIX}<tokenizer folder>")
+    return UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe or {HF_PREFIX}<tokenizer folder>")
 
 
-def encode(tokenization, text, meta=None):
+def encode(tokenization, text):
     """
-    Token ids of a string (a prompt), as data/prepare.py tokenizes it; for pooled
-    data (meta names its segmenter), rows of chunk bytes padded with PAD.
+    Token ids of a string (a prompt), as data/prepare.py tokenizes it.
     """
     if tokenization == "bytes":
         return list(text.encode("utf-8"))
     if tokenization == "bpe":
         # encode_ordinary: a literal "<|endoftext|>" is plain text, as in the training data
         return gpt2_encoding().encode_ordinary(text)
-    if tokenization == "pooled":
-        segmenter = Segmenter.from_meta(meta)
-        return pad_chunks(segmenter.split(text), segmenter.max_chunk_bytes).tolist()
     if tokenization.startswith(HF_PREFIX):
         return load_hf_tokenizer(tokenization[len(HF_PREFIX):]).encode(text, add_special_tokens=False)
     raise _unknown(tokenization)
@@ -144,7 +142,7 @@ def encode(tokenization, text, meta=None):
 
 @functools.lru_cache(maxsize=4)
 def token_byte_table(tokenization):
-    """The byte string of every token id (pooled data has no ids: a chunk is its bytes). Built once per process."""
+    """The byte string of every token id. Built once per process."""
     if tokenization == "bytes":
         return [bytes([i]) for i in range(BYTE_VOCAB)]
     if tokenization == "bpe":
@@ -156,15 +154,13 @@ def token_byte_table(tokenization):
 
 
 def unit_to_bytes(tokenization):
-    """A function from one generated unit (a token id, or a pooled model's padded chunk) to its bytes."""
-    if tokenization == "pooled":
-        return chunk_bytes
+    """A function from one generated token id to its bytes."""
     table = token_byte_table(tokenization)
     return lambda unit: table[unit.item()]
 
 
 # ----------------------------------------------------------------------------
-# segmenters (pooled data): bytes -> chunk lengths
+# segmenters: bytes -> chunk lengths
 
 @functools.lru_cache(maxsize=1)
 def _gpt2_token_lengths():
@@ -259,13 +255,6 @@ class Segmenter:
         offsets = self.offsets(data)
         return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
-    def to_meta(self):
-        return {"segmenter": self.name, "max_chunk_bytes": self.max_chunk_bytes,
-                "fixed_chunk_bytes": self.fixed_chunk_bytes}
-
-    @classmethod
-    def from_meta(cls, meta):
-        return cls(meta["segmenter"], meta["max_chunk_bytes"], meta["fixed_chunk_bytes"])
 
 
 # ----------------------------------------------------------------------------
@@ -287,28 +276,3 @@ def chunk_bytes(row):
     """One padded row (a tensor on any device, an array or a list of byte values) -> the chunk's bytes."""
     values = np.asarray(row.tolist() if hasattr(row, "tolist") else row).reshape(-1)
     return bytes(values[values >= 0].astype(np.uint8).tolist())
-
-
-class ChunkedBytes:
-    """
-    One split of pooled data: the raw bytes and the chunk offsets into them.
-    Indexed by chunk like a token array: data[idx] with an integer array idx of
-    any shape gives idx.shape + (width,) byte values padded with PAD, where
-    width is the longest chunk picked (no compute is spent on all-padding
-    columns). So train.py's batching and evaluation index it like tokens.
-    """
-
-    def __init__(self, data, offsets, max_chunk_bytes):
-        self.data, self.offsets, self.max_chunk_bytes = data, offsets, max_chunk_bytes
-
-    def __len__(self):
-        return len(self.offsets) - 1
-
-    def __getitem__(self, idx):
-        starts = self.offsets[idx].astype(np.int64)
-        lengths = self.offsets[idx + 1].astype(np.int64) - starts
-        width = max(1, int(lengths.max(initial=0)))
-        column = np.arange(width)
-        inside = column < lengths[..., None]
-        positions = np.where(inside, starts[..., None] + column, 0)
-        return np.where(inside, self.data[positions].astype(np.int16), PAD)  # int16 first: PAD is not a uint8

@@ -9,8 +9,8 @@ Train a GPT on the binaries written by data/prepare.py.
 Any GPTConfig key (--n_layer=6, --pos=rope, ...) overrides the preset
 (--help shows the default preset's values).
 Validation reports bits per byte, the one metric that compares models across
-tokenizations. Pooled data (byte chunks, data/prepare.py --tokenization=pooled)
-trains a pooled model with the same commands: the data picks the embedder.
+tokenizations. A pooled byte model (byte_tokenizer.py) trains on bytes data:
+python train.py --embedder=pooled --boundary=space --block_size=256.
 Each evaluation writes out_dir/ckpt.pt atomically, with all a resume needs;
 Ctrl-C and SIGTERM write one too, at the next step boundary, before exiting.
 Metrics go to out_dir/metrics.jsonl. checkpointing.py keeps the run's folder
@@ -42,10 +42,10 @@ from cli import UserError, parse_config, run
 from hardware import Distributed, check_memory, init_distributed, pick_device, set_cpu_threads
 from model import GPT, GPTConfig, load_checkpoint, preset_config, save_checkpoint
 from optim import OPTIMIZERS, TimeBudget, learning_rate, make_optimizer  # noqa: F401 (train.make_optimizer)
-from tokenizer import OFFSETS_DTYPE, TOKEN_BYTES_NAME, ChunkedBytes
+from tokenizer import TOKEN_BYTES_NAME
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DATA_MODEL_KEYS = frozenset({"vocab_size", "embedder", "max_chunk_bytes"})  # set by the data: model_keys_from_data
+DATA_MODEL_KEYS = frozenset({"vocab_size"})  # set by the data: model_keys_from_data
 
 
 @dataclass
@@ -61,7 +61,8 @@ class TrainConfig:
     batch_size: int = 24  # Muon's Newton-Schulz costs the same per step at any batch: fewer, larger steps amortize it
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 700
-    max_seconds: float = 0.0  # a wall-clock budget for the loop: the schedule follows it and max_iters is ignored; 0 = off
+    max_seconds: float = 0.0  # a time budget for the loop: the schedule follows it and max_iters is ignored; 0 = off
+    budget_clock: str = "wall"  # what max_seconds counts: wall | cpu (this process's CPU time: fair on a shared machine)
     learning_rate: float = 3e-3  # AdamW's (embeddings, head, norms, biases; everything under --optimizer=adamw)
     min_lr: float = 3e-4  # the cosine schedule ends here
     warmup_iters: int = 50
@@ -145,6 +146,8 @@ def check_train_config(config):
                         f"and {config.muon_momentum}")
     if not (math.isfinite(config.max_seconds) and config.max_seconds >= 0):
         raise UserError(f"--max_seconds must be 0 (off) or positive, got {config.max_seconds}")
+    if config.budget_clock not in TimeBudget.CLOCKS:
+        raise UserError(f"--budget_clock={config.budget_clock} is not one of {', '.join(TimeBudget.CLOCKS)}")
 
 
 PRE_MUON_DEFAULTS = {"optimizer": "adamw"}  # a checkpoint from before --optimizer was trained with AdamW
@@ -156,9 +159,9 @@ PRE_MUON_DEFAULTS = {"optimizer": "adamw"}  # a checkpoint from before --optimiz
 @dataclass
 class Dataset:
     meta: dict
-    train: np.ndarray  # token ids, or ChunkedBytes for pooled data: indexed alike
+    train: np.ndarray  # token ids
     val: np.ndarray
-    token_bytes: torch.Tensor  # bytes of text each token id stands for (bits per byte); None for pooled data
+    token_bytes: torch.Tensor  # bytes of text each token id stands for (bits per byte)
 
 
 def load_dataset(name, block_size):
@@ -168,29 +171,26 @@ def load_dataset(name, block_size):
     if not meta_path.is_file():
         raise UserError(f"no prepared dataset at {folder}: run python data/prepare.py (see its --help)")
     meta = json.loads(meta_path.read_text())
+    if meta["tokenization"] == "pooled":
+        raise UserError(f"{folder} holds byte chunks for the earlier pooled model; pooled models now read plain "
+                        "bytes: run python data/prepare.py (bytes) and train with --embedder=pooled")
     splits = {}
-    pooled = meta["tokenization"] == "pooled"
     for split in ("train", "val"):
         splits[split] = np.memmap(folder / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-        if pooled:  # the raw bytes plus where each chunk starts
-            offsets = np.memmap(folder / f"{split}.chunks.bin", dtype=np.dtype(OFFSETS_DTYPE), mode="r")
-            splits[split] = ChunkedBytes(splits[split], offsets, meta["max_chunk_bytes"])
         if len(splits[split]) < block_size + 1:
             raise UserError(f"{folder.name}'s {split} split has {len(splits[split])} tokens, fewer than the context "
                             f"needs ({block_size} + 1): use a larger corpus or a smaller --block_size")
-    token_bytes = None
-    if not pooled:
-        if not (folder / TOKEN_BYTES_NAME).is_file():
-            raise UserError(f"{folder} has no {TOKEN_BYTES_NAME} (prepared by an older version): "
-                            "run python data/prepare.py again")
-        token_bytes = torch.from_numpy(np.load(folder / TOKEN_BYTES_NAME, allow_pickle=False).astype(np.int64))
+    if not (folder / TOKEN_BYTES_NAME).is_file():
+        raise UserError(f"{folder} has no {TOKEN_BYTES_NAME} (prepared by an older version): "
+                        "run python data/prepare.py again")
+    token_bytes = torch.from_numpy(np.load(folder / TOKEN_BYTES_NAME, allow_pickle=False).astype(np.int64))
     return Dataset(meta, splits["train"], splits["val"], token_bytes)
 
 
 def get_batch(data, batch_size, block_size, generator, device):
     """
     Random windows of data: inputs (B, T) and the same windows shifted by one
-    token as targets; for pooled data (B, T, L) chunks, shifted by one chunk.
+    token as targets.
     """
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
@@ -202,9 +202,7 @@ def get_batch(data, batch_size, block_size, generator, device):
 # evaluation: bits per byte, the one quality metric
 
 def predicted_bytes(y, token_bytes):
-    """Bytes of text the targets stand for: each token id's bytes, or for pooled chunks their real bytes (PAD < 0)."""
-    if token_bytes is None:
-        return (y >= 0).sum().item()
+    """Bytes of text the targets stand for: each token id's bytes."""
     return token_bytes[y.cpu()].sum().item()
 
 
@@ -216,7 +214,7 @@ def evaluate(model, data, token_bytes, block_size, max_tokens=0, batch_size=64, 
 
         bits per byte = (sum of -ln p over every predicted unit) / (ln 2 * UTF-8 bytes those units cover)
 
-    A unit is a byte, a BPE token, or a pooled chunk (its bytes and end symbol);
+    A unit is a byte (for a bytes or a pooled byte model) or a BPE token;
     whatever the unit, the numerator is the code length of the same text, and
     the denominator its size. token_bytes (from data/prepare.py) says how many
     bytes each token id covers. Windows are consecutive and non-overlapping
@@ -237,7 +235,7 @@ def evaluate(model, data, token_bytes, block_size, max_tokens=0, batch_size=64, 
         with autocast:
             _, nats = model(x, y, reduction="sum")
         total_nats += nats.item()
-        total_tokens += y.size(0) * y.size(1)  # tokens, or chunks
+        total_tokens += y.size(0) * y.size(1)
         total_bytes += predicted_bytes(y, token_bytes)
     model.train(was_training)
     return {"val_loss": total_nats / total_tokens, "val_bpb": total_nats / (math.log(2) * total_bytes)}
@@ -312,7 +310,7 @@ def train_loop(model, optimizer, dataset, config, state, device, loss_fn=languag
     raw_model.set_step(state.step)
     tokens_per_step = config.batch_size * config.grad_accum * raw_model.config.block_size
     timer = Throughput(tokens_per_step, state.step)
-    budget = TimeBudget(config.max_seconds, state.seconds)
+    budget = TimeBudget(config.max_seconds, state.seconds, config.budget_clock)
     last_step = config.max_iters if not budget else None  # under a budget, known when the budget is reached
     progress = tqdm(total=last_step, initial=state.step, unit="step", dynamic_ncols=True, disable=not dist.is_main)
     result = None
@@ -428,11 +426,8 @@ class Throughput:
 
 
 def model_keys_from_data(meta):
-    """The model settings the data decides: the vocabulary, and for pooled data the embedder and chunk size."""
-    keys = {"vocab_size": meta["vocab_size"], "embedder": "tokens"}
-    if meta["tokenization"] == "pooled":
-        keys.update(embedder="pooled", max_chunk_bytes=meta["max_chunk_bytes"])
-    return keys
+    """The model settings the data decides: the vocabulary (a pooled model checks that it is bytes)."""
+    return {"vocab_size": meta["vocab_size"]}
 
 
 def setup(config, model_config, checkpoint=None):

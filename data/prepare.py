@@ -3,7 +3,6 @@ Turn text files into training data: data/<name>/train.bin, val.bin, meta.json.
 
     python data/prepare.py                                  # tinyshakespeare, bytes
     python data/prepare.py --tokenization=bpe               # the same text, GPT-2 BPE
-    python data/prepare.py --tokenization=pooled --segmenter=space  # byte chunks for a pooled model
     python data/prepare.py --input=a.txt,b.txt --name=mine  # your own files
     python data/prepare.py --input a.txt b.txt              # argparse style works too
 
@@ -18,14 +17,12 @@ character boundary so both tokenizations split exactly the same text.
 - bpe:   tiktoken's GPT-2 encoding, vocab 50257, stored as uint16
 - hf:    a Hugging Face tokenizer from a local folder (--tokenizer_dir, e.g. a
          distillation teacher's), recorded as "hf:<folder>"; needs transformers
-- pooled: the raw bytes as for bytes, plus {train,val}.chunks.bin: uint32 offsets
-  of the chunk boundaries (0, end of chunk 1, ..., length) from tokenizer.py's
-  segmenter (gpt2 | space | fixed); meta.json records the segmenter and its
-  max_chunk_bytes. A token count is then a chunk count.
+A pooled byte model (byte_tokenizer.py) reads bytes data: it finds its chunk
+ends itself, from the bytes, so it needs no data of its own.
 meta.json (never pickle) holds the vocab, dtype, token and byte counts.
 token_bytes.npy holds the bytes of text each token id stands for, checked to
 rebuild the corpus exactly: train.py divides by them for bits per byte, with
-no tokenizer loaded (a pooled model counts its chunks' bytes directly).
+no tokenizer loaded.
 """
 
 import http.client
@@ -44,8 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: find the project modules
 import tokenizer  # noqa: E402  (torch-free: preparing data never loads the model)
 from cli import UserError, parse_config, run  # noqa: E402
-from tokenizer import (FIXED_CHUNK_BYTES, HF_PREFIX, MAX_CHUNK_BYTES, OFFSETS_DTYPE, TOKEN_BYTES_NAME,  # noqa: E402
-                       Segmenter)  # noqa: E402
+from tokenizer import HF_PREFIX, TOKEN_BYTES_NAME  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -53,19 +49,16 @@ TINYSHAKESPEARE_PATH = Path("shakespeare") / "input.txt"  # under the data folde
 DOWNLOAD_TIMEOUT_S = 10  # offline, fail fast and use the fallback corpus
 STDLIB_CORPUS_BYTES = 3_000_000  # about 3x tinyshakespeare: enough text to learn from, quick to tokenize
 UTF8_MAX_CONTINUATION = 3  # a UTF-8 character is one lead byte and at most 3 continuation bytes
-TOKENIZATIONS = ("bytes", "bpe", "hf", "pooled")
+TOKENIZATIONS = ("bytes", "bpe", "hf")
 ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as the "surrogateescape" decoder writes it
 
 
 @dataclass
 class PrepareConfig:
     input: str = ""  # comma-separated text files; empty = the default corpus (tinyshakespeare)
-    tokenization: str = "bytes"  # bytes | bpe | hf | pooled
+    tokenization: str = "bytes"  # bytes | bpe | hf
     tokenizer_dir: str = ""  # for --tokenization=hf: a folder with a Hugging Face tokenizer (or a .gguf file)
     name: str = ""  # output folder under the data folder; empty = <first input's stem or "default">_<tokenization>
-    segmenter: str = "gpt2"  # pooled only: gpt2 | space | fixed (tokenizer.py); the folder name gets _<segmenter>
-    max_chunk_bytes: int = MAX_CHUNK_BYTES  # pooled only: longer chunks are split, never cut
-    fixed_chunk_bytes: int = FIXED_CHUNK_BYTES  # pooled only: the fixed segmenter's chunk size
     val_fraction: float = 0.1  # the last this-much of the corpus is the validation split
     data_dir: str = ""  # where dataset folders go; empty = the folder holding this script
 
@@ -152,7 +145,7 @@ def warn_if_not_utf8(data, corpus, tokenization):
         pass
     invalid = len(ESCAPED_BYTE.findall(data.decode("utf-8", errors="surrogateescape")))
     print(f"warning: {invalid:,} of {len(data):,} bytes of {corpus} are not UTF-8 (binary, or another encoding?): "
-          "bytes and pooled keep every byte as it is; bpe and hf replace each invalid sequence with U+FFFD, "
+          "bytes keeps every byte as it is; bpe and hf replace each invalid sequence with U+FFFD, "
           f"so they train on altered text (this run: {tokenization})", file=sys.stderr)
     return invalid
 
@@ -189,7 +182,7 @@ def tokenize(data, tokenization, encoder=None):
     and hf the bytes are decoded with invalid sequences replaced by U+FFFD, so
     the count is of the text after replacement: what the tokens decode back to.
     """
-    if tokenization in ("bytes", "pooled"):
+    if tokenization == "bytes":
         return np.frombuffer(data, dtype=np.uint8).copy(), data
     text = data.decode("utf-8", errors="replace")
     if tokenization == "bpe":
@@ -202,7 +195,7 @@ def tokenize(data, tokenization, encoder=None):
 
 def id_dtype(tokenization, encoder=None):
     """The smallest dtype that holds every token id."""
-    if tokenization in ("bytes", "pooled"):
+    if tokenization == "bytes":
         return "uint8"
     vocab_size = encoder.n_vocab if tokenization == "bpe" else len(encoder)
     return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
@@ -236,20 +229,19 @@ def dataset_name(config):
     if config.name:
         return config.name
     stem = Path(config.input.split(",")[0]).stem if config.input else "default"
-    if config.tokenization == "pooled":
-        return f"{stem}_pooled_{config.segmenter}"
     return f"{stem}_{config.tokenization}"
 
 
 def prepare(config):
-    """Write train.bin, val.bin, token_bytes.npy (chunk offsets for pooled data) and meta.json; return the folder."""
+    """Write train.bin, val.bin, token_bytes.npy and meta.json; return the folder."""
+    if config.tokenization == "pooled":
+        raise UserError("a pooled byte model reads bytes data: run python data/prepare.py (--tokenization=bytes), "
+                        "then python train.py --embedder=pooled")
     if config.tokenization not in TOKENIZATIONS:
         raise UserError(f"--tokenization={config.tokenization} is not one of {', '.join(TOKENIZATIONS)}")
     if not 0.0 < config.val_fraction < 1.0:
         raise UserError(f"--val_fraction must be between 0 and 1, got {config.val_fraction}")
     data_dir = Path(config.data_dir) if config.data_dir else DATA_DIR
-    pooled = config.tokenization == "pooled"
-    segmenter = Segmenter(config.segmenter, config.max_chunk_bytes, config.fixed_chunk_bytes) if pooled else None
 
     if config.input:
         sources = [p for p in config.input.split(",") if p]
@@ -273,20 +265,13 @@ def prepare(config):
     out_dir = data_dir / dataset_name(config)
     meta = {"tokenization": tokenization, "vocab_size": tokenizer.BYTE_VOCAB,
             "dtype": id_dtype(config.tokenization, encoder), "corpus": corpus, "sources": [str(s) for s in sources]}
-    if pooled:
-        meta.update(segmenter.to_meta())
-        for split, (ids, text) in splits.items():
-            offsets = segmenter.offsets(text)
-            write_atomic(out_dir / f"{split}.chunks.bin", offsets.astype(OFFSETS_DTYPE).tobytes())
-            meta[f"{split}_tokens"] = len(offsets) - 1  # chunks
-    else:
-        # the bytes of text each token id stands for: bits per byte's denominator, without a tokenizer at training time
-        table = tokenizer.token_byte_table(tokenization)
-        for split, (ids, text) in splits.items():
-            check_token_bytes(ids, table, text, split)
-            meta[f"{split}_tokens"] = len(ids)
-        meta["vocab_size"] = len(table)
-        save_npy(out_dir / TOKEN_BYTES_NAME, np.array([len(b) for b in table], dtype=np.int32))
+    # the bytes of text each token id stands for: bits per byte's denominator, without a tokenizer at training time
+    table = tokenizer.token_byte_table(tokenization)
+    for split, (ids, text) in splits.items():
+        check_token_bytes(ids, table, text, split)
+        meta[f"{split}_tokens"] = len(ids)
+    meta["vocab_size"] = len(table)
+    save_npy(out_dir / TOKEN_BYTES_NAME, np.array([len(b) for b in table], dtype=np.int32))
     for split, (ids, text) in splits.items():
         meta[f"{split}_bytes"] = len(text)
         write_atomic(out_dir / f"{split}.bin", ids.tobytes())

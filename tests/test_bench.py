@@ -32,10 +32,11 @@ def test_time_prefill_reports_median_and_spread():
     assert 0 < stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"]
 
 
-def test_decode_step_matches_full_forward(monkeypatch):
+@pytest.mark.parametrize("embedder", ["tokens", "pooled"])
+def test_decode_step_matches_full_forward(monkeypatch, embedder):
     # the timed decode call (cache rewound to context_len - 1, one new token)
     # must give the logits of a full forward pass over the same tokens
-    model = tiny_model(pos="rope", norm="rmsnorm", ffn="swiglu")
+    model = tiny_model(pos="rope", norm="rmsnorm", ffn="swiglu", embedder=embedder, byte_width=16)
     calls = []
     monkeypatch.setattr(bench, "time_fn", lambda fn, *args, **kwargs: calls.append(fn) or {})
     torch.manual_seed(3)
@@ -192,12 +193,18 @@ def test_bad_options_are_one_line_errors(tmp_path):
         bench.main(["--seq_lens=1,x"])
     with pytest.raises(UserError, match="at least 1"):
         bench.main(["--context_lens=0,4"])
-    pooled = tiny_model(embedder="pooled")
-    save_checkpoint({"model": pooled.state_dict(), "model_config": dataclasses.asdict(pooled.config)}, tmp_path / "p.pt")
-    with pytest.raises(UserError, match="p.pt is a pooled byte model"):
-        bench.main([f"--ckpts={tmp_path / 'p.pt'}"])
-    with pytest.raises(UserError, match="cpu-tiny is a pooled byte model"):
-        bench.main(["--presets=cpu-tiny", "--embedder=pooled"])
+
+
+def test_a_pooled_model_is_benchmarked_per_byte(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--presets=cpu-tiny", "--embedder=pooled", "--n_layer=1", "--n_embd=32", "--n_head=2", "--byte_width=16",
+                "--seq_lens=8", "--context_lens=8", "--repeats=1", "--warmup=0", "--train_repeats=1", "--train_batch=1",
+                "--gen_tokens=8", "--threads=1", f"--out={out}"])
+    (m,) = json.loads(out.read_text())["models"]
+    assert m["config"]["embedder"] == "pooled" and m["prefill"][0]["module_ms"] is None  # nested hooks: no split
+    cached = m["generation"][0]
+    assert cached["use_cache"] and cached["bytes_per_s"] == pytest.approx(cached["tokens_per_s"])
+    assert m["train"]["tokens_per_s"] > 0 and m["train"]["flops_per_token"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the CUDA events and graphs path needs one")

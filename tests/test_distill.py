@@ -200,7 +200,8 @@ def test_teacher_stays_frozen_through_a_step(dataset, teacher_ckpt):
 
 
 @pytest.mark.parametrize("mode", [["--kd_loss=forward"], ["--kd_loss=reverse", "--temperature=2"],
-                                  ["--online", "--hidden_weight=0.5"]])
+                                  ["--online", "--hidden_weight=0.5"], ["--embedder=pooled"],
+                                  ["--embedder=pooled", "--online", "--hidden_weight=0.5"]])
 def test_distillation_runs_and_logs_its_parts(dataset, teacher_ckpt, tmp_path, mode):
     checkpoint = run_distill(dataset, teacher_ckpt, tmp_path, "--max_iters=20", "--top_k=8", *mode)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -364,7 +365,7 @@ def test_teacher_bpb_is_train_evaluate_on_the_teacher(hf_teacher):
     assert result["val_bpb"] == pytest.approx(nats / math.log(2) / data.token_bytes[y].sum().item(), rel=1e-4)
 
 
-def test_byte_and_pooled_mismatches_are_one_line_errors(hf_teacher, hf_corpus_as_bytes, dataset, teacher_ckpt, tmp_path):
+def test_byte_mismatches_and_pooled_teachers_are_one_line_errors(hf_teacher, hf_corpus_as_bytes, dataset, teacher_ckpt, tmp_path):
     folder, hf_data = hf_teacher
     with pytest.raises(UserError, match="do not hold the same bytes"):  # the cat-sat corpus is not the teacher's
         run_distill(dataset, folder, tmp_path, "--teacher_dataset=" + hf_data, "--max_iters=1")
@@ -372,12 +373,9 @@ def test_byte_and_pooled_mismatches_are_one_line_errors(hf_teacher, hf_corpus_as
         run_distill(hf_data, folder, tmp_path, "--teacher_dataset=" + hf_data, "--max_iters=1")
     with pytest.raises(UserError, match="teacher's own tokenization"):
         run_distill(hf_corpus_as_bytes, folder, tmp_path, "--teacher_dataset=" + hf_corpus_as_bytes, "--max_iters=1")
-    pooled = prepare.prepare(prepare.PrepareConfig(input=str(folder / "tokenizer.json"), tokenization="pooled",
-                                                   segmenter="space", data_dir=str(tmp_path / "pooled")))
-    with pytest.raises(UserError, match="pooled student"):
-        run_distill(str(pooled), teacher_ckpt, tmp_path, "--max_iters=1")
-    train.main(["--dataset=" + str(pooled), "--out_dir=" + str(tmp_path / "pooled_teacher"), *TINY, "--max_iters=1"])
-    with pytest.raises(UserError, match="is a pooled model"):
+    train.main(["--dataset=" + dataset, "--out_dir=" + str(tmp_path / "pooled_teacher"), *TINY, "--max_iters=1",
+                "--embedder=pooled"])
+    with pytest.raises(UserError, match="is a pooled byte model"):
         run_distill(dataset, tmp_path / "pooled_teacher" / "ckpt.pt", tmp_path, "--max_iters=1")
 
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import evaluation
-import tokenizer
 import train
+from data import prepare
 from model import GPT, GPTConfig, save_checkpoint
 
-POOLED_META = {"tokenization": "pooled", "segmenter": "space", "max_chunk_bytes": 8, "fixed_chunk_bytes": 4}
+BYTES_META = {"tokenization": "bytes"}  # a pooled model reads bytes too
 BLOCK = 24
 
 
@@ -41,8 +41,8 @@ def byte_model():
 @pytest.fixture(scope="module")
 def pooled_model():
     torch.manual_seed(2)
-    return lively(GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, embedder="pooled", max_chunk_bytes=8,
-                            byte_width=16, byte_heads=2))
+    return lively(GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, embedder="pooled", byte_width=16,
+                            byte_heads=2, byte_window=8))
 
 
 def reference_byte_logp(model, context, continuation):
@@ -62,30 +62,17 @@ def reference_byte_logp(model, context, continuation):
     return sum(logp[i - 1, ids[i]].item() for i in range(n_context, len(ids)))
 
 
-def reference_text_logp(model, text):
-    """log p(text) for a pooled model: GPT.forward's nats over the text's chunks after a newline chunk."""
-    segmenter = tokenizer.Segmenter.from_meta(POOLED_META)
-    chunks = torch.tensor(tokenizer.pad_chunks(segmenter.split("\n") + segmenter.split(text), 8), dtype=torch.long)
-    with torch.no_grad():
-        _, nats = model(chunks[None, :-1], chunks[None, 1:], reduction="sum")
-    return -nats.item()
-
-
-def reference_pooled_logp(model, context, continuation):
-    """The pooled model's documented score: log p(context + continuation) - log p(context)."""
-    logp = reference_text_logp(model, context + continuation)
-    return logp - reference_text_logp(model, context) if context else logp
-
-
 CASES = [("To be, or not", " to be"), ("", "Hello"), ("  ", "Hi"), ("ab ", "cd"), ("naïve ", "café 🙂"),
          ("Whether 'tis nobler in the mind to suffer", " the slings")]  # longer than the context: cut from the left
 
 
+@pytest.mark.parametrize("which", ["bytes", "pooled"])
 @pytest.mark.parametrize("context, continuation", CASES)
-def test_byte_loglikelihood_equals_the_forward_pass(byte_model, context, continuation):
-    lm = evaluation.StlmLM(model=byte_model, meta={"tokenization": "bytes"})
+def test_byte_loglikelihood_equals_the_forward_pass(byte_model, pooled_model, which, context, continuation):
+    model = byte_model if which == "bytes" else pooled_model
+    lm = evaluation.StlmLM(model=model, meta=BYTES_META)
     logp, greedy = lm.loglikelihood_one(context, continuation)
-    assert logp == pytest.approx(reference_byte_logp(byte_model, context, continuation), abs=1e-4)
+    assert logp == pytest.approx(reference_byte_logp(model, context, continuation), abs=1e-4)
     assert logp < 0 and greedy in (True, False)
 
 
@@ -98,15 +85,6 @@ def test_long_continuations_are_scored_in_windows_like_train_evaluate(byte_model
     expected = train.evaluate(byte_model, ids[:n], torch.ones(256, dtype=torch.long), BLOCK)["val_loss"] * (n - 1)
     units = torch.tensor(ids[:n])
     assert lm.score(units, 1)[0] == pytest.approx(-expected, rel=1e-5)
-
-
-@pytest.mark.parametrize("context, continuation", CASES)
-def test_pooled_loglikelihood_is_a_difference_of_text_probabilities(pooled_model, context, continuation):
-    lm = evaluation.StlmLM(model=pooled_model, meta=POOLED_META)
-    logp, _ = lm.loglikelihood_one(context, continuation)
-    assert logp == pytest.approx(reference_pooled_logp(pooled_model, context, continuation), abs=1e-4)
-    whole = context + continuation
-    assert lm.text_logp(whole) == pytest.approx(reference_text_logp(pooled_model, whole), abs=1e-4)
 
 
 def test_generate_until_is_greedy_and_stops(byte_model):
@@ -153,8 +131,7 @@ CHOICES = [" that", " this", " the", " love"]
 @pytest.mark.parametrize("which", ["bytes", "pooled"])
 def test_lm_eval_picks_the_most_likely_choice(tmp_path, byte_model, pooled_model, which):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (requirements-extra.txt)")
-    model, meta, reference = {"bytes": (byte_model, {"tokenization": "bytes"}, reference_byte_logp),
-                              "pooled": (pooled_model, POOLED_META, reference_pooled_logp)}[which]
+    model, meta, reference = (byte_model if which == "bytes" else pooled_model), BYTES_META, reference_byte_logp
     best, worst = [], []
     for context in CONTEXTS:
         scores = [reference(model, context, choice) for choice in CHOICES]
@@ -171,25 +148,21 @@ def test_lm_eval_picks_the_most_likely_choice(tmp_path, byte_model, pooled_model
 
 @pytest.fixture
 def pooled_checkpoint(tmp_path, pooled_model):
-    """A pooled checkpoint and the prepared data (written here, as data/prepare.py lays it out) it names."""
-    text = ("Before we proceed any further, hear me speak. " * 60).encode()
-    segmenter = tokenizer.Segmenter.from_meta(POOLED_META)
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "val"):
-        (data / f"{split}.bin").write_bytes(text)
-        segmenter.offsets(text).astype(tokenizer.OFFSETS_DTYPE).tofile(data / f"{split}.chunks.bin")
-    (data / "meta.json").write_text(json.dumps({**POOLED_META, "vocab_size": 256, "dtype": "uint8"}))
+    """A pooled checkpoint and the bytes data (data/prepare.py's) it names."""
+    text = "Before we proceed any further, hear me speak. " * 300
+    (tmp_path / "speech.txt").write_text(text)
+    data = prepare.prepare(prepare.PrepareConfig(input=str(tmp_path / "speech.txt"), data_dir=str(tmp_path)))
     save_checkpoint({"model": pooled_model.state_dict(), "model_config": pooled_model.config.__dict__,
-                     "train_config": {"dataset": str(data)}, "data_meta": POOLED_META}, tmp_path / "ckpt.pt")
-    return tmp_path / "ckpt.pt", data, text.decode()
+                     "train_config": {"dataset": str(data)}, "data_meta": json.loads((data / "meta.json").read_text())},
+                    tmp_path / "ckpt.pt")
+    return tmp_path / "ckpt.pt", data, text
 
 
 def test_command_line_bits_per_byte_is_train_evaluate(pooled_checkpoint, pooled_model, capsys):
     ckpt, data, _ = pooled_checkpoint
     evaluation.main([f"--ckpt={ckpt}", "--threads=1"])
     dataset = train.load_dataset(str(data), BLOCK)
-    expected = train.evaluate(pooled_model, dataset.val, None, BLOCK)["val_bpb"]
+    expected = train.evaluate(pooled_model, dataset.val, dataset.token_bytes, BLOCK)["val_bpb"]
     assert f"{expected:.4f} bits per byte" in capsys.readouterr().out
 
 

@@ -124,6 +124,7 @@ def test_bpe_tokenizer_matches_tiktoken(tmp_path, gpt2):
 
 @pytest.mark.parametrize("overrides, setting", [
     (dict(embedder="pooled"), "pooled"),
+    (dict(embedder="pooled", boundary="fixed"), "pooled"),
     (dict(ffn="rep_linear"), "--ffn=rep_linear"),
     (dict(ffn="linear"), "--ffn=linear"),
     (dict(GPT2_SHAPE, pos="rope"), "--pos=rope"),
@@ -166,6 +167,6 @@ def test_command_line(tmp_path, capsys):
     assert reload_and_compare(model, tmp_path / "hf") <= TOLERANCE
     pooled = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, embedder="pooled"))
     save_checkpoint({"model": pooled.state_dict(), "model_config": pooled.config.__dict__,
-                     "data_meta": {"tokenization": "pooled"}}, tmp_path / "pooled.pt")
+                     "data_meta": {"tokenization": "bytes"}}, tmp_path / "pooled.pt")
     with pytest.raises(UserError, match="pooled"):
         export.main([f"--ckpt={tmp_path / 'pooled.pt'}", f"--out={tmp_path / 'hf2'}"])

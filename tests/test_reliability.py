@@ -48,9 +48,8 @@ def trained(dataset, tmp_path_factory):
 def pooled_checkpoint(corpus_text, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pooled")
     (folder / "tiny.txt").write_bytes(corpus_text)
-    data = prepare.prepare(prepare.PrepareConfig(input=str(folder / "tiny.txt"), data_dir=str(folder),
-                                                 tokenization="pooled", segmenter="space"))
-    train.main(train_args(data, folder / "out", "--max_iters=2", "--eval_interval=2"))
+    data = prepare.prepare(prepare.PrepareConfig(input=str(folder / "tiny.txt"), data_dir=str(folder)))
+    train.main(train_args(data, folder / "out", "--max_iters=2", "--eval_interval=2", "--embedder=pooled"))
     return folder / "out" / "ckpt.pt"
 
 
@@ -82,7 +81,8 @@ BAD_TRAIN_VALUES = [
     ("--min_lr=nan", "--min_lr must be a number >= 0"),
     ("--warmup_iters=-3", "--warmup_iters must be 0 or more"),
     ("--vocab_size=10", "--vocab_size is set by the data"),
-    ("--embedder=pooled", "--embedder is set by the data"),
+    ("--byte_window=0", "--byte_window must be at least 1"),
+    ("--budget_clock=gpu", "--budget_clock=gpu is not one of wall, cpu"),
     ("--device=tpu", "--device=tpu is not one of auto, cpu, cuda, cuda:N"),
     ("--block_size=100000", "fewer than the context needs"),
 ]
@@ -210,7 +210,7 @@ def test_a_bpe_prompt_without_tiktoken_files_says_how_to_get_them(trained, tmp_p
 
 def test_distill_refuses_a_pooled_teacher(dataset, pooled_checkpoint, tmp_path, capsys):
     line = one_line_error(capsys, distill.main, train_args(dataset, tmp_path, f"--teacher={pooled_checkpoint}"))
-    assert "is a pooled model" in line
+    assert "is a pooled byte model" in line
 
 
 def test_model_script_refuses_unknown_arguments(capsys):
@@ -457,24 +457,16 @@ def test_fuzz_bytes_and_bpe_round_trip():
         pytest.skip("bytes checked; bpe skipped: tiktoken's GPT-2 files are unavailable offline")
 
 
-@pytest.mark.parametrize("tokenization, segmenter", [("bytes", ""), ("pooled", "space"), ("pooled", "fixed")])
-def test_fuzz_prepare_keeps_every_byte(tmp_path, tokenization, segmenter, capsys):
+def test_fuzz_prepare_keeps_every_byte(tmp_path, capsys):
     """data/prepare.py on random files: train + val rebuild the input exactly, whatever the bytes."""
     strings = random_byte_strings(600, seed=2)
     for i in range(0, len(strings), 60):
         data = b"".join(strings[i:i + 60]) + b"tail bytes to split"
         source = tmp_path / f"in{i}.bin"
         source.write_bytes(data)
-        extra = {"segmenter": segmenter} if segmenter else {}
-        folder = prepare.prepare(prepare.PrepareConfig(input=str(source), data_dir=str(tmp_path), name=f"d{i}",
-                                                       tokenization=tokenization, **extra))
+        folder = prepare.prepare(prepare.PrepareConfig(input=str(source), data_dir=str(tmp_path), name=f"d{i}"))
         rebuilt = (folder / "train.bin").read_bytes() + (folder / "val.bin").read_bytes()
         assert rebuilt == data
-        if tokenization == "pooled":
-            for split in ("train", "val"):
-                offsets = np.fromfile(folder / f"{split}.chunks.bin", dtype=tokenizer.OFFSETS_DTYPE)
-                assert offsets[0] == 0 and offsets[-1] == (folder / f"{split}.bin").stat().st_size
-                assert np.all(np.diff(offsets.astype(np.int64)) >= 1)
 
 
 def test_prepare_warns_about_bytes_that_are_not_utf8(tmp_path, capsys):
@@ -483,7 +475,7 @@ def test_prepare_warns_about_bytes_that_are_not_utf8(tmp_path, capsys):
     prepare.prepare(prepare.PrepareConfig(input=str(source), data_dir=str(tmp_path)))
     err = capsys.readouterr().err
     assert "100 of 388 bytes of program.bin are not UTF-8" in err
-    assert "bytes and pooled keep every byte" in err and "bpe and hf replace" in err
+    assert "bytes keeps every byte" in err and "bpe and hf replace" in err
     source.write_bytes(b"clean text\n" * 40)
     prepare.prepare(prepare.PrepareConfig(input=str(source), data_dir=str(tmp_path)))
     assert "not UTF-8" not in capsys.readouterr().err

@@ -66,20 +66,6 @@ def test_gpt2_segmenter_cuts_at_gpt2_tokens(gpt2):
     assert tk.Segmenter("gpt2").split(text) == [b"Hi", b",", b" there", b" ", b" you", b"!", b"\n", b"ok"]
 
 
-def test_chunked_bytes_indexes_like_a_token_array():
-    data = b"The quick brown fox, \xff\x00 jumps over the lazy dog.\n"
-    segmenter = tk.Segmenter("space", max_chunk_bytes=6)
-    chunks = segmenter.split(data)
-    store = tk.ChunkedBytes(np.frombuffer(data, dtype=np.uint8), segmenter.offsets(data), 6)
-    assert len(store) == len(chunks)
-    idx = np.array([[0, 1, 2], [3, 4, 5]])
-    rows = store[idx]
-    assert rows.shape[:2] == (2, 3) and rows.shape[2] == max(len(chunks[i]) for i in idx.flat)  # trimmed
-    assert rows.min() == tk.PAD  # padding is -1, never a byte value such as 255
-    for i, row in zip(idx.flat, rows.reshape(6, -1)):
-        assert tk.chunk_bytes(row) == chunks[i]
-
-
 def test_bad_segmenter_is_a_user_error():
     with pytest.raises(UserError, match="--segmenter"):
         tk.Segmenter("words")

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +289,17 @@ def test_time_budget_stops_within_one_step_and_ends_at_min_lr(dataset, tmp_path,
     # step 2 starts after 1 step of 0.25 s and is predicted to end at 0.5 s: a sixth of the budget
     cosine = config.min_lr + (config.learning_rate - config.min_lr) * 0.5 * (1 + math.cos(math.pi / 6))
     assert lrs[:2] == [config.learning_rate / 2, pytest.approx(cosine)]  # warmup, then the cosine over time
+
+
+def test_a_cpu_time_budget_does_not_count_waiting():
+    """--budget_clock=cpu counts this process's CPU time: waiting while other programs run costs nothing."""
+    wall, cpu = optim.TimeBudget(10.0, clock="wall"), optim.TimeBudget(10.0, clock="cpu")
+    time.sleep(0.3)
+    assert wall.tick() >= 0.3 and cpu.tick() < 0.1
+    busy = time.perf_counter() + 0.3
+    while time.perf_counter() < busy:  # working: the CPU clock runs (a little slower if the core is shared)
+        pass
+    assert cpu.tick() > 0.05
 
 
 def test_compiled_training_and_decoding_equal_eager(dataset, tmp_path):
