@@ -186,6 +186,17 @@ def test_check_passes_on_the_reference_and_fails_on_a_stub(work):
         assert run_exercises(work, "reset", str(number)).returncode == 0
 
 
+def test_check_marks_the_failures_that_wait_for_another_exercise(monkeypatch, capsys):
+    outcomes = [("tests/t.py::a", "pass", ""), ("tests/t.py::b", "fail", "NotImplementedError: exercise 3: write f"),
+                ("tests/t.py::c", "fail", "NotImplementedError: exercise 5: write g"),
+                ("tests/t.py::d", "fail", "AssertionError: 1 != 2"), ("tests/t.py::e", "skip", "no GPT-2 files")]
+    monkeypatch.setattr(exercises, "run_tests", lambda node_ids, root: outcomes)
+    assert not exercises.check(5)
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines[:-1]] == ["PASS", "WAIT", "FAIL", "FAIL", "SKIP"]
+    assert lines[-1] == "exercise 5: 1 of 5 tests pass, 1 wait for exercise 3, 1 skipped"
+
+
 def test_uncommitted_changes_are_never_overwritten(work):
     number = QUICK_EXERCISE
     file = work / EXERCISES[number].file
