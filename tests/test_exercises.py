@@ -23,6 +23,8 @@ minutes on 2 cores. These tests need one run, and reason about the rest:
    and having no .git; the same argument runs the tests that reach any stub plus the ones that
    read the project's own files (test_reliability's scan of every file).
 
+All of that costs about 10 minutes on 2 cores (the traced suite is most of it), so those tests
+run when STLM_EXERCISE_ROUND_TRIP=1, as .ci/run sets; a plain `pytest` skips them, saying so.
 Everything runs in temp copies of the working tree, committed to a fresh git repository there:
 the real checkout is never touched. In a copy without git history (a handout), these skip.
 """
@@ -51,6 +53,9 @@ def started_here():
     return [n for n in EXERCISES if exercises.state(n, ROOT) == "started"]
 
 
+round_trip = pytest.mark.skipif(os.environ.get("STLM_EXERCISE_ROUND_TRIP") != "1",
+                                reason="the exercises' round trip runs the suite again, traced (about 10 minutes on "
+                                       "2 cores): .ci/run runs it; set STLM_EXERCISE_ROUND_TRIP=1 to run it here")
 pytestmark = pytest.mark.skipif(not (ROOT / ".git").exists() or (EXERCISES and bool(started_here())),
                                 reason="a handout, or exercises started: the round trip needs the reference code")
 
@@ -130,6 +135,7 @@ def work(reference, tmp_path_factory):
     return folder
 
 
+@round_trip
 def test_the_table_names_real_functions_and_tests(traced):
     items, _ = traced
     for number, exercise in EXERCISES.items():
@@ -139,6 +145,7 @@ def test_the_table_names_real_functions_and_tests(traced):
             assert graded(exercises.Exercise("", "", (), (node_id,)), items), f"exercise {number}: no test {node_id}"
 
 
+@round_trip
 @pytest.mark.parametrize("number", list(EXERCISES))
 def test_start_fails_exactly_the_graded_tests_and_reset_restores_every_byte(number, traced, work):
     items, calls = traced
@@ -167,6 +174,7 @@ def test_start_fails_exactly_the_graded_tests_and_reset_restores_every_byte(numb
     assert exercises.state(number, work) == "reference"
 
 
+@round_trip
 def test_check_passes_on_the_reference_and_fails_on_a_stub(work):
     number = QUICK_EXERCISE
     n_tests = len(EXERCISES[number].tests)
@@ -215,6 +223,7 @@ def test_uncommitted_changes_are_never_overwritten(work):
         assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
+@round_trip
 def test_a_handout_fails_only_its_exercises_and_holds_no_reference_body(reference, traced, tmp_path):
     items, calls = traced
     numbers = list(EXERCISES)
