@@ -9,8 +9,8 @@ Course exercises, graded by the project's own tests (EXERCISES.md says what each
 
 A started function's body is one line, `raise NotImplementedError("exercise N: ...")`: its graded
 tests fail at once and loudly, the rest of the suite passes (tests/test_exercises.py checks both).
-Functions are found with the `ast` module, by their exact line spans. `start` refuses to touch a
-file with uncommitted changes, `reset` one with changes outside the exercise's own functions.
+Functions are found with the `ast` module, by their exact line spans. Both refuse a file with
+uncommitted changes outside its exercises' functions, and `start` one whose functions hold yours.
 
 The exercises are one table, EXERCISES: number -> title, file, functions, graded tests, numbered in
 EXERCISES.md's order (rising difficulty). A test named without its [parameters] grades every case.
@@ -293,11 +293,11 @@ def stub_bodies(number, exercise, source):
 
 
 def read(root, file):
-    return (root / file).read_bytes().decode("utf-8")
+    return (Path(root) / file).read_bytes().decode("utf-8")  # bytes: no newline translation either way
 
 
 def write(root, file, text):
-    (root / file).write_bytes(text.encode("utf-8"))
+    (Path(root) / file).write_bytes(text.encode("utf-8"))
 
 
 def git(root, *args):
@@ -326,10 +326,8 @@ def started_in(source, exercises_in_file):
 
 def without(source, reference, exercises, file):
     """source with the functions of these exercises (all in file) put back as in reference."""
-    restored = {}
-    for exercise in exercises.values():
-        restored.update(bodies(reference, exercise.functions, file))
-    return replace_bodies(source, restored, file)
+    functions = [function for exercise in exercises.values() for function in exercise.functions]
+    return replace_bodies(source, bodies(reference, functions, file), file)
 
 
 # ----------------------------------------------------------------------------
@@ -345,33 +343,38 @@ def parse_numbers(text):
     return numbers
 
 
+def check_only_exercises_changed(source, reference, file):
+    """Refuse a file whose differences from git's HEAD reach outside its exercises' functions."""
+    if without(source, reference, {n: e for n, e in EXERCISES.items() if e.file == file}, file) != reference:
+        raise UserError(f"{file} has uncommitted changes outside its exercises' functions: commit or stash them "
+                        "first, so that reset can give the file back exactly")
+
+
 def start(numbers, root=ROOT, check_git=True):
     """Stub each exercise's functions. check_git=False: in a copy without history (a handout being made)."""
     for number in numbers:
         exercise = EXERCISES[number]
         source = read(root, exercise.file)
+        if check_git and number in started_in(source, {number: exercise}):
+            print(f"exercise {number} is already started")
+            continue
         if check_git:
             reference = committed(root, exercise.file)
-            already = started_in(source, {n: e for n, e in EXERCISES.items() if e.file == exercise.file})
-            if number in already:
-                print(f"exercise {number} is already started")
-                continue
-            if without(source, reference, already, exercise.file) != reference:
-                raise UserError(f"{exercise.file} has uncommitted changes: commit or stash them first, "
-                                "so that reset can give the file back exactly")
+            check_only_exercises_changed(source, reference, exercise.file)
+            if bodies(source, exercise.functions, exercise.file) != bodies(reference, exercise.functions, exercise.file):
+                raise UserError(f"exercise {number}'s functions in {exercise.file} hold uncommitted changes of your "
+                                f"own: commit them, or put the reference back with python exercises.py reset {number}")
         write(root, exercise.file, replace_bodies(source, stub_bodies(number, exercise, source), exercise.file))
         print(f"exercise {number} started: {', '.join(exercise.functions)} in {exercise.file} raise "
               f"NotImplementedError; grade with python exercises.py check {number}")
 
 
 def reset(numbers, root=ROOT):
+    """Put each exercise's functions back as committed; a student's version of them is replaced."""
     for number in numbers:
         exercise = EXERCISES[number]
         source, reference = read(root, exercise.file), committed(root, exercise.file)
-        others = started_in(source, {n: e for n, e in EXERCISES.items() if e.file == exercise.file and n != number})
-        if without(source, reference, {**others, number: exercise}, exercise.file) != reference:
-            raise UserError(f"{exercise.file} has uncommitted changes outside exercise {number}'s functions: "
-                            "commit or stash them first")
+        check_only_exercises_changed(source, reference, exercise.file)
         write(root, exercise.file, replace_bodies(source, bodies(reference, exercise.functions, exercise.file),
                                                   exercise.file))
         print(f"exercise {number} reset: {', '.join(exercise.functions)} in {exercise.file} are the reference code")
@@ -391,16 +394,14 @@ def state(number, root=ROOT):
 
 def list_exercises(root=ROOT):
     for number, exercise in EXERCISES.items():
-        print(f"{number:>2}  {exercise.title:<56} {exercise.file:<14} {state(number, root):<9}  "
-              f"{', '.join(exercise.functions)}")
+        print(f"{number:>2}  {exercise.title:<56} {exercise.file:<14} {state(number, root):<9}  {', '.join(exercise.functions)}")
 
 
 def junit_node_id(case):
     """The pytest node id of a junit testcase: classname tests.test_model(.Class) plus the test's name."""
     parts = case.get("classname").split(".")
-    module = [p for p in parts if p[:1].islower() or p.startswith("test")]
-    classes = parts[len(module):]
-    return "::".join(["/".join(module) + ".py", *classes, case.get("name")])
+    module = [p for p in parts if p[:1].islower()]
+    return "::".join(["/".join(module) + ".py", *parts[len(module):], case.get("name")])
 
 
 def run_tests(node_ids, root=ROOT):
@@ -459,8 +460,7 @@ def handout(numbers, folder, root=ROOT):
         raise UserError(f"{folder} is not empty: name a new folder for the handout")
     archive = git(root, "archive", "--format=tar", "HEAD")
     if archive.returncode:
-        raise UserError(f"git archive failed in {root} ({archive.stderr.decode().strip()}): "
-                        "a handout is made from a git checkout's committed files")
+        raise UserError(f"git archive failed in {root}: a handout is made from a git checkout's committed files")
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(folder, filter="data")
