@@ -206,6 +206,7 @@ def test_check_marks_the_failures_that_wait_for_another_exercise(monkeypatch, ca
 
 
 def test_uncommitted_changes_are_never_overwritten(work):
+    """Changes outside the exercises' functions are refused in one line, and a student's own version is never lost to start."""
     number = QUICK_EXERCISE
     file = work / EXERCISES[number].file
     original = file.read_bytes()
@@ -218,6 +219,13 @@ def test_uncommitted_changes_are_never_overwritten(work):
             assert file.read_bytes() == original + b"# a change of the student's own\n"
     finally:
         file.write_bytes(original)
+    # a student's own version of an exercise's functions: start refuses, reset puts the reference back
+    assert run_exercises(work, "start", str(number)).returncode == 0
+    attempt = file.read_text().replace(f'raise NotImplementedError("exercise {number}: ', 'return ("my own ', 1)
+    file.write_text(attempt)
+    result = run_exercises(work, "start", str(number))
+    assert result.returncode == 2 and "of your own" in result.stderr and file.read_text() == attempt
+    assert run_exercises(work, "reset", str(number)).returncode == 0 and file.read_bytes() == original
     for bad in (["start", "99"], ["start", "one"], ["check"], ["finish", "1"]):
         result = run_exercises(work, *bad)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
