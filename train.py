@@ -6,7 +6,8 @@ Train a GPT on the binaries written by data/prepare.py.
     python train.py --resume                          # continue out/ckpt.pt exactly where it stopped
     python train.py --help                            # every key, with its default
 
-Any GPTConfig key (--n_layer=6, --pos=rope, ...) overrides the preset.
+Any GPTConfig key (--n_layer=6, --pos=rope, ...) overrides the preset
+(--help shows the default preset's values).
 Validation reports bits per byte, the one metric that compares models across
 tokenizations. Pooled data (byte chunks, data/prepare.py --tokenization=pooled)
 trains a pooled model with the same commands: the data picks the embedder.
@@ -93,7 +94,8 @@ def configure(argv, extra_configs=(), usage=__doc__):
     comes from the checkpoint. extra_configs (a caller's own dataclasses, as
     distill.py has) are filled from the same arguments.
     """
-    config, model_args = TrainConfig(), GPTConfig()
+    # the model keys' defaults shown by --help are the default preset's, what `python train.py` trains
+    config, model_args = TrainConfig(), preset_config(TrainConfig.preset)
     assigned = parse_config([config, model_args, *extra_configs], argv, usage=usage)
     model_keys = {f.name for f in dataclasses.fields(GPTConfig)}
     model_overrides = {k: v for k, v in assigned.items() if k in model_keys}

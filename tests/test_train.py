@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import train
 from cli import UserError
 from data import prepare
 from conftest import TINY_TRAIN_ARGS as TINY
-from model import GPT, GPTConfig, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, preset_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,10 @@ def test_help_lists_every_key():
     assert result.returncode == 0
     for key in list(train.TrainConfig.__dataclass_fields__) + list(GPTConfig.__dataclass_fields__):
         assert f"--{key} " in result.stdout
+    # model defaults are the default preset's, not GPTConfig's
+    default_preset = preset_config(train.TrainConfig.preset)
+    for key in ("n_layer", "n_embd", "block_size", "ffn", "qk_norm"):
+        assert re.search(rf"--{key} \S+ +default: {re.escape(repr(getattr(default_preset, key)))}\n", result.stdout), key
 
 
 # ----------------------------------------------------------------------------
