@@ -16,8 +16,10 @@ import math
 import time
 
 import torch
+import torch.nn as nn
 
 from cli import UserError
+from byte_tokenizer import ByteBlock
 from model import GPT, CausalSelfAttention
 
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and modded-nanogpt's) quintic
@@ -133,13 +135,15 @@ OPTIMIZERS = ("adamw", "muon")
 
 def muon_matrices(model):
     """
-    The parameters Muon updates: the 2-D weight matrices of every GPT core in
-    model. Embeddings and the head (rows are tokens, not a linear map to
-    orthogonalize), norm gains and biases stay with AdamW, as in modded-nanogpt.
+    The parameters Muon updates: the 2-D weight matrices of every GPT in
+    model, the core's and a pooled model's byte layers'. Embedding tables and
+    the head (rows are tokens or positions, not a linear map to orthogonalize),
+    norm gains and biases stay with AdamW, as in modded-nanogpt.
     """
     chosen = []
     for gpt in (m for m in model.modules() if isinstance(m, GPT)):
-        outer = {id(p) for m in (gpt.wte, gpt.lm_head, gpt.wpe) if m is not None for p in m.parameters()}
+        tables = [m for m in gpt.modules() if isinstance(m, nn.Embedding)] + [gpt.lm_head]
+        outer = {id(p) for m in tables for p in m.parameters()}
         chosen += [p for p in gpt.parameters() if p.dim() == 2 and id(p) not in outer and p.requires_grad]
     return chosen
 
@@ -165,6 +169,7 @@ def make_optimizer(model, config, device):
     # update is orthogonalized, so every direction of the matrix learns at the same rate
     qkv_blocks = {id(m.c_attn.weight): [m.n_head * m.head_dim, m.n_kv_head * m.head_dim, m.n_kv_head * m.head_dim]
                   for m in model.modules() if isinstance(m, CausalSelfAttention)}
+    qkv_blocks.update({id(m.qkv.weight): [m.qkv.in_features] * 3 for m in model.modules() if isinstance(m, ByteBlock)})
     groups = []
     for p in (p for p in params if id(p) in muon_ids):
         group = {"params": [p], "lr_scale": config.muon_lr / config.learning_rate}

@@ -241,6 +241,24 @@ def test_muon_gets_exactly_the_core_matrices():
     assert all(g["lr_scale"] == config.muon_lr / config.learning_rate for g in muon.param_groups)
 
 
+def test_muon_gets_a_pooled_models_byte_layer_matrices_too():
+    # measured: with the byte layers under AdamW a pooled model learned far slower than a bytes model per step
+    config = train.TrainConfig(optimizer="muon")
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, embedder="pooled", byte_width=16,
+                          byte_layers_in=1, byte_layers_out=1))
+    adamw, muon = train.make_optimizer(model, config, "cpu").optimizers
+    names = {id(p): name for name, p in model.named_parameters()}
+    on_muon = [names[id(p)] for g in muon.param_groups for p in g["params"]]
+    byte_matrices = [f"wte.{layers}.0.{m}.weight" for layers in ("layers_in", "layers_out")
+                     for m in ("qkv", "attn_out", "fc", "proj")]
+    assert sorted(on_muon) == sorted(byte_matrices + ["wte.up.weight", "wte.down.weight"]
+                                     + [f"h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")])
+    assert [names[id(p)] for p in adamw.param_groups[0]["params"]] == ["wte.byte_embedding.weight", "wte.position.weight",
+                                                                      "wpe.weight"]  # tables; the head is tied
+    blocks = {names[id(g["params"][0])]: g.get("row_blocks") for g in muon.param_groups}
+    assert blocks["wte.layers_in.0.qkv.weight"] == [16, 16, 16] and blocks["h.0.attn.c_attn.weight"] == [32, 32, 32]
+
+
 def test_muon_step_equals_torch_muon_on_separate_q_k_v():
     # our Muon with bf16 Newton-Schulz is torch.optim.Muon's arithmetic, with the fused q/k/v
     # matrix orthogonalized as three separate matrices: torch's Muon on three parameters is the reference
