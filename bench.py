@@ -20,15 +20,15 @@ For every model:
 - generation tokens/s through model.generate_stream, with the cache and
   without it: then, as in nanoGPT's sample.py, the last block_size tokens are
   recomputed for every new token;
-- training tokens/s of a full step (forward, backward, clipping, AdamW) and
+- training tokens/s of a full step (forward, backward, clipping, train.py's
+  default optimizers: Muon for the core's matrices, AdamW for the rest) and
   the model FLOPs utilisation (MFU) against a matmul peak measured next to it.
 
 Latencies are medians (with p10/p90) of many calls after warm-up calls, on a
 fixed thread count; on CUDA float32 multiplies in TF32, as train.py trains.
 Tables name the device, torch version, dtype, threads and load average, and
-every number also goes to a JSON file. Most of the default run is stlm-10m
-generating without the cache (each of 200 tokens a forward pass over all so far).
-Pooled byte models (embedder="pooled") are not benchmarked yet.
+every number also goes to a JSON file (most of the default run is stlm-10m
+generating without the cache). Pooled byte models are not benchmarked yet.
 """
 
 import contextlib
@@ -52,7 +52,8 @@ import hardware
 import reparam
 import train
 from cli import UserError, parse_config, run
-from model import GPT, GPTConfig, KVCache, load_checkpoint, model_from_checkpoint, preset_config
+from generation import KVCache
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, preset_config
 from tokenizer import BYTE_VOCAB, token_byte_table
 
 
@@ -79,7 +80,6 @@ class BenchConfig:
     cuda_graphs: bool = False  # replay prefill/decode as CUDA graphs (one launch instead of hundreds)
     seed: int = 0
     out: str = "out-bench/bench.json"  # the JSON report
-    ingredients: str = ""  # only time a training step per ingredient (e.g. all, or relu2,muon): see INGREDIENTS
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,7 +87,7 @@ PERCENTILES = (10, 90)  # the spread reported around each median
 # matmul peak: square sizes tried (the best wins): big enough to saturate the device, small enough to be quick
 PEAK_SIZES = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 PEAK_REPEATS = 10
-TRAIN_WARMUP = 1  # untimed training steps: AdamW allocates its state in the first
+TRAIN_WARMUP = 1  # untimed training steps: the optimizers allocate their state in the first
 GEN_WARMUP_TOKENS = 16  # a short untimed generation first: the allocator, lazy kernels
 GEN_TEMPERATURE, GEN_TOP_K = 0.8, 200  # nanoGPT sample.py's defaults, so the baseline matches its work
 SPLIT_CATEGORIES = ("embedding", "attention", "ffn", "norm", "head", "other")
@@ -122,7 +122,6 @@ def cuda_graphed(fn, device):
     def replay():
         graph.replay()
         return output
-
     return replay
 
 
@@ -232,86 +231,35 @@ def matmul_peak(device, dtype, repeats=PEAK_REPEATS):
     return best
 
 
-def time_train_step(model, batch_size, seq_len, dtype, repeats=3):
-    """A full training step on random tokens: forward, backward, gradient clipping, AdamW, with train.py's settings."""
+def training_step(model, train_config, batch_size, seq_len, dtype):
+    """
+    A function running one training step as train.py runs it (forward under
+    autocast, backward, gradient clipping, the recipe's optimizer) on a fixed
+    batch of random tokens, training model itself (pass a copy to keep the
+    original); it returns the batch's loss before the step.
+    """
     device = next(model.parameters()).device
-    model = copy.deepcopy(model).float().train()  # fp32 master weights, as train.py keeps them
-    train_config = train.TrainConfig()
     optimizer = train.make_optimizer(model, train_config, str(device))
-    x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
-    y = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
+    x, y = (torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device) for _ in range(2))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
         with autocast:
             _, loss = model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()  # before this step's update
+    return step
 
-    timing = time_fn(step, repeats, TRAIN_WARMUP, device)
+
+def time_train_step(model, batch_size, seq_len, dtype, repeats=3):
+    """Median ms and tokens/s of a training step with train.py's default recipe, on fp32 master weights as it keeps them."""
+    step = training_step(copy.deepcopy(model).float().train(), train.TrainConfig(), batch_size, seq_len, dtype)
+    timing = time_fn(step, repeats, TRAIN_WARMUP, next(model.parameters()).device)
     tokens_per_s = batch_size * seq_len / (timing["median_ms"] / 1000)
     return {**timing, "batch_size": batch_size, "seq_len": seq_len, "tokens_per_s": tokens_per_s}
-
-
-# ----------------------------------------------------------------------------
-# what each training-speed ingredient costs per step
-
-# name -> (GPTConfig overrides, TrainConfig overrides), each applied alone to the baseline:
-# nanoGPT's recipe at cpu-tiny (GELU, no QK-norm, AdamW, float32)
-INGREDIENT_BASELINE = ({"ffn": "gelu", "qk_norm": False, "logit_softcap": 0.0}, {"optimizer": "adamw", "bf16": False})
-INGREDIENTS = {
-    "baseline": ({}, {}),
-    "relu2": ({"ffn": "relu2"}, {}),
-    "qk_norm": ({"qk_norm": True}, {}),
-    "softcap": ({"logit_softcap": 15.0}, {}),
-    "muon": ({}, {"optimizer": "muon"}),
-    "bf16": ({}, {"bf16": True}),
-}
-
-
-def time_ingredients(names, batch_size, seq_len, rounds, warmup=3):
-    """
-    Median ms per training step (train.py's step: forward, backward, clipping,
-    optimizer) of cpu-tiny with each ingredient, timed round-robin so that a
-    change in machine load hits every ingredient alike.
-    """
-    import train  # only this measurement needs train.py
-    steps = {}
-    for name in names:
-        model_keys, train_keys = ({**INGREDIENT_BASELINE[i], **INGREDIENTS[name][i]} for i in (0, 1))
-        train_config = train.TrainConfig(**train_keys)
-        model = GPT(preset_config("cpu-tiny", **model_keys)).train()
-        optimizer = train.make_optimizer(model, train_config, "cpu")
-        x, y = (torch.randint(0, model.config.vocab_size, (batch_size, seq_len)) for _ in range(2))
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if train_config.bf16 else contextlib.nullcontext()
-
-        def step(model=model, optimizer=optimizer, x=x, y=y, autocast=autocast, clip=train_config.grad_clip):
-            with autocast:
-                _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        steps[name] = step
-    samples = {name: [] for name in names}
-    for i in tqdm(range(warmup + rounds), unit="round", file=sys.stderr):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= warmup:
-                samples[name].append(1000 * (time.perf_counter() - t0))
-    return {name: summarize_ms(ms) for name, ms in samples.items()}
-
-
-def ingredient_table(timings, batch_size, seq_len):
-    base = timings.get("baseline", next(iter(timings.values())))["median_ms"]
-    lines = ["| ingredient | ms/step (median) | p10 | p90 | tokens/s | vs baseline |", "|---|---|---|---|---|---|"]
-    for name, t in timings.items():
-        lines.append(f"| {name} | {t['median_ms']:.1f} | {t['p10_ms']:.1f} | {t['p90_ms']:.1f} | "
-                     f"{batch_size * seq_len / t['median_ms'] * 1000:,.0f} | {t['median_ms'] / base:.2f}x |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------
@@ -493,7 +441,7 @@ def markdown_tables(report):
         rows.append([m["name"], f"{step['batch_size']}x{step['seq_len']}", f"{step['tokens_per_s']:,.0f}",
                      f"{step['flops_per_token'] / 1e6:.1f}M", f"{100 * step['mfu']:.1f}%",
                      rate(gen.get(True)), rate(gen.get(False)), speedup, rate(gen.get(True), "bytes_per_s")])
-    table("Throughput: a training step (forward, backward, AdamW); generation through generate_stream "
+    table("Throughput: a training step (forward, backward, train.py's optimizers); generation through generate_stream "
           "(no cache: nanoGPT's window of block_size tokens recomputed for every token)",
           ["model", "train batch", "train tok/s", "FLOPs/token", "MFU", "gen tok/s (cache)", "gen tok/s (no cache)",
            "speedup", "gen bytes/s (cache)"], rows)
@@ -527,16 +475,6 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     else:
         torch.set_num_threads(config.threads or os.cpu_count())
-    if config.ingredients:
-        names = list(INGREDIENTS) if config.ingredients == "all" else parse_list(config.ingredients, str, "ingredients")
-        unknown = [n for n in names if n not in INGREDIENTS]
-        if unknown:
-            raise UserError(f"--ingredients: unknown {unknown[0]!r}; choose from all, {', '.join(INGREDIENTS)}")
-        seq_len = config.train_len or preset_config("cpu-tiny").block_size
-        timings = time_ingredients(names, config.train_batch, seq_len, config.repeats)
-        print(environment(device, dtype))
-        print(ingredient_table(timings, config.train_batch, seq_len))
-        return
     # checkpoints alone when only they are named: `--ckpts=a,b` compares a and b
     presets = parse_list(config.presets, str, "presets") if "presets" in assigned or not config.ckpts else []
     variants = build_variants(config, presets, model_overrides, dtype, device)

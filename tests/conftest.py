@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 import tokenizer  # noqa: E402
 from cli import UserError  # noqa: E402
 from data import prepare  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 # one thread: results are deterministic and two test processes never fight over cores
 torch.set_num_threads(1)
@@ -69,3 +70,55 @@ def segmenter_name(request):
     if request.param == "gpt2":
         request.getfixturevalue("gpt2")
     return request.param
+
+
+# ----------------------------------------------------------------------------
+# tiny models for the model and generation tests
+
+VOCAB = 101  # not a power of two, not 256: catches a vocabulary size hard-coded anywhere
+
+
+def tiny_config(**overrides):
+    base = dict(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32)
+    return GPTConfig(**{**base, **overrides})
+
+
+def tiny_model(**overrides):
+    return GPT(tiny_config(**overrides)).eval()
+
+
+def lively_model(**overrides):
+    """
+    A tiny model with large random weights. At GPT-2's small init, greedy decoding
+    soon repeats one token forever, and a test of what the model conditions on
+    then passes whatever the context is; large weights make the output depend on it.
+    """
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def random_ids(B, T, vocab=VOCAB):
+    return torch.randint(0, vocab, (B, T))
+
+
+# the architectural knobs, each on its own and all together
+VARIANTS = {
+    "learned-gelu-layernorm": {},
+    "bias": dict(bias=True),
+    "rope": dict(pos="rope"),
+    "swiglu": dict(ffn="swiglu"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "gqa": dict(n_kv_head=2),
+    "mqa-rope": dict(n_kv_head=1, pos="rope"),
+    "block_repeat": dict(block_repeat=2),
+    "share_ffn": dict(share_ffn=True),
+    "stlm-like": dict(pos="rope", ffn="swiglu", norm="rmsnorm", n_kv_head=2, block_repeat=2, share_ffn=True),
+    "speed-recipe": dict(ffn="relu2", qk_norm=True, logit_softcap=15.0),  # zero_init_proj: its own test
+}
+VARIANT_PARAMS = [pytest.param(v, id=k) for k, v in VARIANTS.items()]
+CACHE_VARIANTS = [pytest.param(VARIANTS[k], id=k) for k in ("learned-gelu-layernorm", "rope", "gqa", "mqa-rope",
+                                                            "block_repeat", "stlm-like", "speed-recipe")]

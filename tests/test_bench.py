@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import bench
 import reparam
+import train
 from cli import UserError
 from model import GPT, GPTConfig, preset_config, save_checkpoint
 
@@ -217,9 +218,13 @@ def test_cuda_prefill_and_decode_compute_the_models_logits(monkeypatch, cuda_gra
                 torch.testing.assert_close(timed[-1]().clone(), reference, rtol=1e-4, atol=1e-4)
 
 
-def test_ingredient_step_times_cover_each_ingredient():
-    timings = bench.time_ingredients(list(bench.INGREDIENTS), batch_size=2, seq_len=8, rounds=2, warmup=1)
-    assert list(timings) == list(bench.INGREDIENTS)
-    assert all(0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"] for t in timings.values())
-    table = bench.ingredient_table(timings, 2, 8)
-    assert table.count("\n") == len(bench.INGREDIENTS) + 1 and "| muon |" in table
+def test_training_step_learns_its_batch_and_time_train_step_keeps_the_model():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    timing = bench.time_train_step(model, batch_size=2, seq_len=8, dtype=torch.float32, repeats=2)
+    assert timing["tokens_per_s"] > 0 and timing["batch_size"] * timing["seq_len"] == 16
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # a copy was trained
+    # the step optimises: a few steps of train.py's recipe on its fixed batch lower the batch's loss
+    step = bench.training_step(model.train(), train.TrainConfig(), 2, 8, torch.float32)
+    losses = [step().item() for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.1
