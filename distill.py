@@ -93,6 +93,7 @@ DEFAULT_TEACHER = "out-distill/teacher/ckpt.pt"
 CACHE_BATCH = 32  # teacher windows per forward pass while building the cache
 KD_LOSSES = ("forward", "reverse")
 HASH_CHUNK = 1 << 24  # bytes hashed at a time when fingerprinting the training data
+FINGERPRINT_DIGITS = 12  # of a sha256 in a message: enough to tell two teachers or datasets apart
 # log-probability of "no mass": exp() of it is exactly 0 in float32 and bf16, yet it
 # stays finite, so an empty tail bucket (k = vocabulary) gives 0 * finite, never NaN gradients
 NO_MASS = -1e4
@@ -288,6 +289,11 @@ def build_cache(teacher, data, config, context, cache_dir, device):
     return meta
 
 
+def short(fingerprint):
+    """A sha256 cut short for a message."""
+    return f"{fingerprint[:FINGERPRINT_DIGITS]}..." if isinstance(fingerprint, str) else repr(fingerprint)
+
+
 def write_json_atomic(path, record):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -301,9 +307,18 @@ def open_cache(cache_dir, expected):
         return None
     meta = json.loads(meta_path.read_text())
     for key, value in expected.items():
-        if meta.get(key) != value:
-            raise UserError(f"the teacher cache in {cache_dir} was built for a different {key} "
-                            f"({meta.get(key)!r}, this run needs {value!r}): delete it or pass another --cache_dir")
+        if meta.get(key) == value:
+            continue
+        fix = "delete it or pass another --cache_dir"
+        if key == "teacher":  # a path can be reused by another model: the weights' hash says which one built it
+            raise UserError(f"the teacher cache in {cache_dir} was built from a different teacher "
+                            f"({meta.get('teacher_path')}, weights {short(meta.get(key))}; this run's has weights "
+                            f"{short(value)}): {fix}")
+        if key == "data":
+            raise UserError(f"the teacher cache in {cache_dir} was built over different data (sha256 {short(meta.get(key))} "
+                            f"of its {meta.get('tokens')} tokens; this run's {expected['tokens']} are {short(value)}): {fix}")
+        raise UserError(f"the teacher cache in {cache_dir} was built for a different {key} "
+                        f"({meta.get(key)!r}, this run needs {value!r}): {fix}")
     print(f"teacher cache: {cache_dir} (top-{meta['top_k']}, mean dropped mass {meta['mean_dropped_mass']:.2e})")
     return {name: np.load(cache_dir / f"{name}.npy", mmap_mode="r") for name in CACHE_ARRAYS}
 

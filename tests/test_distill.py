@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,24 @@ def test_cache_holds_the_teachers_predictions_and_refuses_a_mismatch(dataset, te
     teacher.fingerprint = fingerprint_module(teacher.module)
     with pytest.raises(UserError, match="different teacher"):
         distill.open_cache(cache_dir, distill.cache_description(teacher, data.train, config, 16))
+
+
+def test_a_student_refuses_a_cache_from_another_teacher_or_other_data(dataset, teacher_ckpt, tmp_path):
+    cache = "--cache_dir=" + str(tmp_path / "cache")
+    distill.main(["--dataset=" + dataset, "--teacher=" + str(teacher_ckpt), "--out_dir=" + str(tmp_path / "first"),
+                  *TINY, cache, "--cache_tokens=600", "--cache_only"])
+    # another teacher at the same shape and data: only its weights (another seed) tell it apart
+    train.main(["--dataset=" + dataset, "--out_dir=" + str(tmp_path / "other"), *TINY, *TEACHER_SHAPE,
+                "--max_iters=2", "--seed=7"])
+    other = tmp_path / "other" / "ckpt.pt"
+    for teacher, tokens, message in [(other, 600, re.escape(f"built from a different teacher ({teacher_ckpt}, weights ")),
+                                     (teacher_ckpt, 500, "built over different data \\(sha256 [0-9a-f]{12}\\.\\.\\. of its 600 tokens; "
+                                                         "this run's 500 ")]:
+        with pytest.raises(UserError, match=message) as refused:
+            distill.main(["--dataset=" + dataset, "--teacher=" + str(teacher), "--out_dir=" + str(tmp_path / "student"),
+                          *TINY, "--max_iters=1", cache, f"--cache_tokens={tokens}"])
+        assert "\n" not in str(refused.value) and str(refused.value).endswith("delete it or pass another --cache_dir")
+    assert not (tmp_path / "student" / "ckpt.pt").exists()  # refused before training
 
 
 # ----------------------------------------------------------------------------
