@@ -42,7 +42,6 @@ TOKEN_BYTES_NAME = "token_bytes.npy"  # beside a prepared dataset: the bytes of 
 SEGMENTERS = ("gpt2", "space", "fixed")
 MAX_CHUNK_BYTES = 16  # longer chunks are split; 99.9% of GPT-2 tokens in English text are shorter
 FIXED_CHUNK_BYTES = 4  # the fixed segmenter's chunk size: about a GPT-2 token's mean length in English
-PAD = -1  # padding in rows of chunks (a byte value is never negative)
 
 
 # ----------------------------------------------------------------------------
@@ -256,23 +255,8 @@ class Segmenter:
         return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-
 # ----------------------------------------------------------------------------
-# the chunk codec: chunks <-> bytes <-> padded rows
+# the codec: chunks back to bytes, losslessly
 
 def join_chunks(chunks):
     return b"".join(chunks)
-
-
-def pad_chunks(chunks, width):
-    """Chunks (bytes) -> int16 array (n, width) of byte values, padded with PAD."""
-    rows = np.full((len(chunks), width), PAD, dtype=np.int16)
-    for row, chunk in zip(rows, chunks):
-        row[:len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-    return rows
-
-
-def chunk_bytes(row):
-    """One padded row (a tensor on any device, an array or a list of byte values) -> the chunk's bytes."""
-    values = np.asarray(row.tolist() if hasattr(row, "tolist") else row).reshape(-1)
-    return bytes(values[values >= 0].astype(np.uint8).tolist())

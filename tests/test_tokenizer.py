@@ -37,8 +37,6 @@ def test_round_trip_of_random_bytes_and_unicode(segmenter_name, max_chunk_bytes)
         chunks = segmenter.split(data)
         assert tk.join_chunks(chunks) == data
         assert all(1 <= len(c) <= max_chunk_bytes for c in chunks)
-        rows = tk.pad_chunks(chunks, max_chunk_bytes)
-        assert [tk.chunk_bytes(row) for row in rows] == chunks
 
 
 def test_edge_cases_round_trip(segmenter_name):
