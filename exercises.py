@@ -61,15 +61,18 @@ TRAINING_RUNS = """
     test_ddp.py: test_only_the_main_process_logs_and_writes test_two_process_checkpoint_resumes_in_one_process
         test_two_processes_follow_the_single_process_loss_curve
     test_distill.py: test_a_gguf_file_loads_as_a_teacher_and_distills_a_bytes_student
-        test_alpha_zero_is_exactly_train_py test_an_interrupted_cache_build_continues_where_it_stopped
-        test_bad_settings_are_one_line_errors test_byte_and_pooled_mismatches_are_one_line_errors
+        test_a_student_refuses_a_cache_from_another_teacher_or_other_data test_alpha_zero_is_exactly_train_py
+        test_an_interrupted_cache_build_continues_where_it_stopped test_bad_settings_are_one_line_errors
+        test_byte_mismatches_and_pooled_teachers_are_one_line_errors
         test_bytes_student_distills_from_a_bpe_teacher
-        test_cache_holds_the_teachers_predictions_and_refuses_a_mismatch test_distillation_runs_and_logs_its_parts
-        test_hf_teacher_distills test_teacher_of_another_tokenization_is_refused
-        test_teacher_stays_frozen_through_a_step test_the_twin_of_a_partly_cached_student_trains_on_the_same_part
+        test_cache_holds_the_teachers_predictions_and_refuses_a_mismatch
+        test_distillation_runs_and_logs_its_parts test_hf_teacher_distills
+        test_teacher_of_another_tokenization_is_refused test_teacher_stays_frozen_through_a_step
+        test_the_twin_of_a_partly_cached_student_trains_on_the_same_part
     test_reliability.py: test_a_bpe_prompt_without_tiktoken_files_says_how_to_get_them
         test_a_fresh_run_refuses_a_used_folder test_a_full_disk_keeps_the_previous_checkpoint
-        test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoint test_distill_refuses_a_pooled_teacher
+        test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoint
+        test_distill_refuses_a_pooled_teacher
         test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint
         test_each_step_is_logged_once_and_a_resume_keeps_the_schedule
         test_kills_at_random_moments_resume_to_the_same_bits test_overwrite_starts_the_log_afresh
@@ -80,26 +83,49 @@ TRAINING_RUNS = """
     test_reparam.py: test_training_drives_the_anneal_clock
     test_train.py: test_clipping_covers_every_parameter_the_optimizer_trains
         test_compiled_training_and_decoding_equal_eager test_prepare_train_sample_end_to_end
-        test_resume_matches_an_uninterrupted_run[muon] test_training_lowers_the_loss_and_logs
+        test_training_lowers_the_loss_and_logs
+"""
+
+# the tests that run a pooled model: every exercise whose functions it calls is graded by them
+POOLED_MODEL = """
+    test_bench.py: test_a_pooled_model_is_benchmarked_per_byte test_decode_step_matches_full_forward[pooled]
+    test_byte_tokenizer.py: test_cached_byte_states_equal_a_full_recompute
+        test_flat_batched_model_equals_a_loop_reference test_generation_with_the_cache_equals_full_recompute
+        test_loss_is_next_byte_cross_entropy_in_nats_per_byte test_no_byte_prediction_sees_a_later_byte
+        test_prepare_train_sample_pooled test_probabilities_of_every_two_byte_continuation_sum_to_one
+    test_distill.py: test_byte_mismatches_and_pooled_teachers_are_one_line_errors
+        test_distillation_runs_and_logs_its_parts[mode3] test_distillation_runs_and_logs_its_parts[mode4]
+    test_evaluation.py: test_byte_loglikelihood_equals_the_forward_pass[case0-pooled]
+        test_byte_loglikelihood_equals_the_forward_pass[case1-pooled]
+        test_byte_loglikelihood_equals_the_forward_pass[case2-pooled]
+        test_byte_loglikelihood_equals_the_forward_pass[case3-pooled]
+        test_byte_loglikelihood_equals_the_forward_pass[case4-pooled]
+        test_byte_loglikelihood_equals_the_forward_pass[case5-pooled]
+        test_command_line_bits_per_byte_is_train_evaluate test_command_line_local_task
+        test_lm_eval_picks_the_most_likely_choice[pooled]
+    test_reliability.py: test_distill_refuses_a_pooled_teacher
+    test_reparam.py: test_cli_merges_verifies_and_saves_a_loadable_checkpoint[pooled]
 """
 
 EXERCISES = {
-    1: Exercise("Bits per byte", "train.py", ("predicted_bytes", "evaluate"), _tests(TRAINING_RUNS + """
-        test_byte_tokenizer.py: test_bits_per_byte_of_a_uniform_decoder
+    1: Exercise("Bits per byte", "train.py",
+        ("predicted_bytes", "evaluate"), _tests(TRAINING_RUNS + """
         test_distill.py: test_teacher_bpb_is_train_evaluate_on_the_teacher
         test_evaluation.py: test_command_line_bits_per_byte_is_train_evaluate
             test_long_continuations_are_scored_in_windows_like_train_evaluate
         test_train.py: test_evaluate_counts_the_bytes_of_each_predicted_token
-            test_evaluate_uniform_byte_model_is_8_bits_per_byte test_resume_matches_an_uninterrupted_run[adamw]
+            test_evaluate_uniform_byte_model_is_8_bits_per_byte test_resume_matches_an_uninterrupted_run
             test_time_budget_stops_within_one_step_and_ends_at_min_lr""")),
-    2: Exercise("The learning-rate schedule", "optim.py", ("learning_rate", "cosine_decay"), _tests(TRAINING_RUNS + """
+    2: Exercise("The learning-rate schedule", "optim.py",
+        ("learning_rate", "cosine_decay"), _tests(TRAINING_RUNS + """
         test_train.py: test_a_signal_saves_at_the_next_step_boundary test_learning_rate_schedule
-            test_resume_matches_an_uninterrupted_run[adamw]
-            test_time_budget_stops_within_one_step_and_ends_at_min_lr""")),
-    3: Exercise("Weight tying, and what it saves", "model.py", ("GPT.num_params",), _tests(TRAINING_RUNS + """
-        test_bench.py: test_bad_options_are_one_line_errors
+            test_resume_matches_an_uninterrupted_run test_time_budget_stops_within_one_step_and_ends_at_min_lr""")),
+    3: Exercise("Weight tying, and what it saves", "model.py",
+        ("GPT.num_params",), _tests(TRAINING_RUNS + """
+        test_bench.py: test_a_pooled_model_is_benchmarked_per_byte test_bad_options_are_one_line_errors
             test_checkpoints_alone_are_benchmarked_side_by_side_with_bytes_per_second
             test_tiny_sweep_writes_markdown_and_the_documented_json
+        test_byte_tokenizer.py: test_everything_around_the_core_is_under_a_tenth_of_a_tied_gpt2_embedding
         test_hardware.py: test_memory_estimate_bounds_a_real_training_step
         test_model.py: test_block_repeat_adds_depth_not_parameters
             test_gradients_and_an_adamw_step_match_hugging_face_gpt2 test_matches_hugging_face_gpt2
@@ -107,35 +133,31 @@ EXERCISES = {
             test_tied_embeddings_share_storage_and_count_once
         test_reparam.py: test_cli_merges_verifies_and_saves_a_loadable_checkpoint
             test_merged_linear_has_the_controls_shape test_merged_model_is_smaller_and_cheaper
-        test_train.py: test_a_signal_saves_at_the_next_step_boundary test_resume_matches_an_uninterrupted_run[adamw]""")),
-    4: Exercise("A boundary rule and the lossless chunk codec", "tokenizer.py",
-        ("space_lengths", "split_long", "pad_chunks", "chunk_bytes"), _tests("""
-        test_byte_tokenizer.py: test_bits_per_byte_of_a_uniform_decoder test_cli_prints_chunks_and_parameter_counts
-            test_generation_streams_whole_chunks_and_the_cache_changes_nothing test_prepare_train_sample_pooled
-        test_distill.py: test_byte_and_pooled_mismatches_are_one_line_errors
-        test_evaluation.py: test_command_line_bits_per_byte_is_train_evaluate test_command_line_local_task
-            test_lm_eval_picks_the_most_likely_choice[pooled]
-            test_pooled_loglikelihood_is_a_difference_of_text_probabilities
-        test_reliability.py: test_distill_refuses_a_pooled_teacher test_fuzz_every_segmenter_round_trips
-            test_fuzz_prepare_keeps_every_byte[pooled-fixed] test_fuzz_prepare_keeps_every_byte[pooled-space]
-        test_tokenizer.py: test_chunked_bytes_indexes_like_a_token_array test_edge_cases_round_trip
-            test_gpt2_segmenter_cuts_at_gpt2_tokens test_round_trip_of_random_bytes_and_unicode
-            test_segmenters_by_hand""")),
-    5: Exercise("Reading a latency table", "bench.py", ("summarize_ms", "time_split"), _tests("""
-        test_bench.py: test_bad_options_are_one_line_errors
+        test_train.py: test_a_signal_saves_at_the_next_step_boundary test_resume_matches_an_uninterrupted_run""")),
+    4: Exercise("A boundary rule and the lossless codec", "tokenizer.py",
+        ("space_lengths", "split_long"), _tests("""
+        test_byte_tokenizer.py: test_chunk_ends_are_the_segmenters_cuts_decided_from_the_past
+            test_cli_prints_chunks_and_parameter_counts
+        test_reliability.py: test_fuzz_every_segmenter_round_trips
+        test_tokenizer.py: test_edge_cases_round_trip test_gpt2_segmenter_cuts_at_gpt2_tokens
+            test_round_trip_of_random_bytes_and_unicode test_segmenters_by_hand""")),
+    5: Exercise("Reading a latency table", "bench.py",
+        ("summarize_ms", "time_split"), _tests("""
+        test_bench.py: test_a_pooled_model_is_benchmarked_per_byte test_bad_options_are_one_line_errors
             test_checkpoints_alone_are_benchmarked_side_by_side_with_bytes_per_second
             test_summarize_ms_median_and_nearest_rank_percentiles test_time_prefill_reports_median_and_spread
             test_time_split_attributes_a_known_time_to_the_ffn_and_leaves_the_model_as_it_was
             test_tiny_sweep_writes_markdown_and_the_documented_json
             test_training_step_learns_its_batch_and_time_train_step_keeps_the_model""")),
-    6: Exercise("Rotary positions", "model.py", ("rotary_tables", "apply_rotary"), _tests("""
+    6: Exercise("Rotary positions", "model.py",
+        ("rotary_tables", "apply_rotary"), _tests("""
         test_bench.py: test_bad_options_are_one_line_errors test_decode_step_matches_full_forward
         test_export.py: test_export_reload_parity[overrides2-LlamaForCausalLM]
             test_export_reload_parity[overrides3-LlamaForCausalLM]
             test_failed_verification_writes_nothing_and_existing_folders_are_kept
             test_llama_differs_only_by_its_float32_rotary_tables test_refuses_a_setting_it_was_not_taught
-            test_refuses_what_neither_architecture_expresses[overrides3---pos=rope]
-            test_refuses_what_neither_architecture_expresses[overrides4---norm=layernorm]
+            test_refuses_what_neither_architecture_expresses[overrides4---pos=rope]
+            test_refuses_what_neither_architecture_expresses[overrides5---norm=layernorm]
             test_shared_weights_are_expanded_exactly[shape1]
         test_generation.py: test_cache_in_pieces_matches_full_forward[mqa-rope]
             test_cache_in_pieces_matches_full_forward[rope] test_cache_in_pieces_matches_full_forward[stlm-like]
@@ -161,17 +183,17 @@ EXERCISES = {
         test_reparam.py: test_whole_model_logits_match_in_float64[shape3-rep_anneal]
             test_whole_model_logits_match_in_float64[shape3-rep_linear]
             test_whole_model_logits_match_in_float64[shape3-rep_parallel]""")),
-    7: Exercise("Causal attention's KV cache", "generation.py", ("KVCache.__init__", "KVCache.store"), _tests("""
-        test_bench.py: test_checkpoints_alone_are_benchmarked_side_by_side_with_bytes_per_second
+    7: Exercise("Causal attention's KV cache", "generation.py",
+        ("KVCache.__init__", "KVCache.store"), _tests("""
+        test_bench.py: test_a_pooled_model_is_benchmarked_per_byte
+            test_checkpoints_alone_are_benchmarked_side_by_side_with_bytes_per_second
             test_decode_refuses_a_context_longer_than_block_size test_decode_step_matches_full_forward
             test_generation_counts_tokens_and_bytes test_generation_runs_the_work_it_claims[True]
             test_tiny_sweep_writes_markdown_and_the_documented_json
-        test_byte_tokenizer.py: test_generation_streams_whole_chunks_and_the_cache_changes_nothing
-            test_prepare_train_sample_pooled
-        test_evaluation.py: test_command_line_local_task test_generate_until_is_greedy_and_stops
+        test_byte_tokenizer.py: test_cached_byte_states_equal_a_full_recompute
+            test_generation_with_the_cache_equals_full_recompute test_prepare_train_sample_pooled
+        test_evaluation.py: test_generate_until_is_greedy_and_stops
             test_lm_eval_hf_model_on_the_export_gives_the_same_numbers
-            test_lm_eval_picks_the_most_likely_choice[pooled]
-            test_pooled_loglikelihood_is_a_difference_of_text_probabilities
         test_export.py: test_bpe_tokenizer_matches_tiktoken test_byte_tokenizer_round_trip test_command_line
             test_export_reload_parity test_llama_differs_only_by_its_float32_rotary_tables
             test_shared_weights_are_expanded_exactly
@@ -185,12 +207,14 @@ EXERCISES = {
             test_cli_refuses_to_save_a_merge_that_computes_something_else[generation-greedy tokens differ]
             test_whole_model_float32_logits_and_greedy_generation
         test_train.py: test_compiled_training_and_decoding_equal_eager test_prepare_train_sample_end_to_end""")),
-    8: Exercise("Muon's orthogonalisation", "optim.py", ("orthogonalize",), _tests(TRAINING_RUNS + """
-        test_bench.py: test_checkpoints_alone_are_benchmarked_side_by_side_with_bytes_per_second
+    8: Exercise("Muon's orthogonalisation", "optim.py",
+        ("orthogonalize",), _tests(TRAINING_RUNS + """
+        test_bench.py: test_a_pooled_model_is_benchmarked_per_byte
+            test_checkpoints_alone_are_benchmarked_side_by_side_with_bytes_per_second
             test_tiny_sweep_writes_markdown_and_the_documented_json
             test_training_step_learns_its_batch_and_time_train_step_keeps_the_model
         test_train.py: test_a_signal_saves_at_the_next_step_boundary
-            test_muon_step_equals_torch_muon_on_separate_q_k_v
+            test_muon_step_equals_torch_muon_on_separate_q_k_v test_resume_matches_an_uninterrupted_run[muon]
             test_time_budget_stops_within_one_step_and_ends_at_min_lr""")),
     9: Exercise("Merging a reparameterized FFN, the norm folded in", "reparam.py",
         ("RepLinearFFN.merged_state", "RepParallelFFN.merged_state", "fold_norm"), _tests("""
@@ -215,6 +239,7 @@ EXERCISES = {
     10: Exercise("Forward and reverse KL, temperature and the tail bucket", "distill.py",
         ("tail_logprob", "kl_divergence", "distillation_loss"), _tests("""
         test_distill.py: test_a_gguf_file_loads_as_a_teacher_and_distills_a_bytes_student
+            test_a_student_refuses_a_cache_from_another_teacher_or_other_data
             test_an_interrupted_cache_build_continues_where_it_stopped
             test_bytes_student_distills_from_a_bpe_teacher
             test_cache_holds_the_teachers_predictions_and_refuses_a_mismatch
@@ -222,6 +247,11 @@ EXERCISES = {
             test_full_vocabulary_kd_equals_torch_kl_and_top_k_is_a_lower_bound test_hf_teacher_distills
             test_kd_gradient_is_zero_when_student_equals_teacher test_kd_loss_matches_a_hand_computation
             test_teacher_stays_frozen_through_a_step""")),
+    11: Exercise("Sliding-window byte layers and their cache", "byte_tokenizer.py",
+        ("window_mask", "ByteBlock.forward"), _tests(POOLED_MODEL)),
+    12: Exercise("Pooling: the core at chunk ends, decided from the past", "byte_tokenizer.py",
+        ("chunk_ends", "PooledBytes.run_core"), _tests(POOLED_MODEL + """
+        test_byte_tokenizer.py: test_chunk_ends_are_the_segmenters_cuts_decided_from_the_past""")),
 }
 
 

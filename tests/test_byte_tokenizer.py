@@ -92,7 +92,7 @@ def test_no_byte_prediction_sees_a_later_byte(rule):
             assert not torch.allclose(logits[:, t + 1:], reference[:, t + 1:])  # the test can see a change
 
 
-@pytest.mark.parametrize("first", [b"a", b" "])
+@pytest.mark.parametrize("first", [b"a", b" "], ids=["letter", "space"])
 def test_probabilities_of_every_two_byte_continuation_sum_to_one(first):
     # chain rule over all 256^2 strings after one byte, in float64: with "a" first, a spacelike second byte
     # ends a chunk and the core's output reaches the third; with " " first, the core runs at byte 0

@@ -67,7 +67,7 @@ CASES = [("To be, or not", " to be"), ("", "Hello"), ("  ", "Hi"), ("ab ", "cd")
 
 
 @pytest.mark.parametrize("which", ["bytes", "pooled"])
-@pytest.mark.parametrize("context, continuation", CASES)
+@pytest.mark.parametrize("context, continuation", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_byte_loglikelihood_equals_the_forward_pass(byte_model, pooled_model, which, context, continuation):
     model = byte_model if which == "bytes" else pooled_model
     lm = evaluation.StlmLM(model=model, meta=BYTES_META)
