@@ -447,8 +447,10 @@ def run_tests(node_ids, root=ROOT):
         for case in ElementTree.parse(report).getroot().iter("testcase"):
             problem = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
             outcome = "pass" if problem is None else "skip" if problem.tag == "skipped" else "fail"
-            message = "" if problem is None else (problem.get("message") or problem.text or "").strip()
-            outcomes.append((junit_node_id(case), outcome, message.splitlines()[0] if message else ""))
+            lines = [] if problem is None else (problem.get("message") or problem.text or "").strip().splitlines()
+            # a stub hit in a subprocess the test ran shows deep in its output: that line says the most
+            stub = next((line.strip() for line in lines if "NotImplementedError: exercise " in line), None)
+            outcomes.append((junit_node_id(case), outcome, stub or (lines[0] if lines else "")))
     found = {node_id.partition("[")[0] for node_id, _, _ in outcomes}
     missing = [n for n in node_ids if n.partition("[")[0] not in found]
     return outcomes + [(n, "fail", "not found: the exercise table names a test that does not exist") for n in missing]
