@@ -274,6 +274,10 @@ def test_pooled_data_and_gpt2_boundaries_are_one_line_errors(tmp_path):
     folder = prepare.prepare(prepare.PrepareConfig(input=str(tmp_path / "tiny.txt"), data_dir=str(tmp_path)))
     with pytest.raises(UserError, match="look ahead"):
         train.main([f"--dataset={folder}", f"--out_dir={tmp_path / 'out'}", *TINY, "--boundary=gpt2"])
+
+
+def test_a_pooled_model_on_bpe_data_is_a_one_line_error(tmp_path, gpt2):
+    (tmp_path / "tiny.txt").write_text("to be or not to be " * 100)
     bpe = prepare.prepare(prepare.PrepareConfig(input=str(tmp_path / "tiny.txt"), data_dir=str(tmp_path),
                                                 tokenization="bpe"))
     with pytest.raises(UserError, match="reads bytes"):
