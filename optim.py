@@ -191,8 +191,9 @@ class TimeBudget:
     will have used once done, predicted from the last step's duration: the
     schedule reaches its end (min_lr) on the step that reaches the budget,
     and the loop stops there, within one step of it. clock: "wall", or "cpu"
-    (this process's CPU time: on a machine shared with other busy programs,
-    runs compared at equal CPU time get equal work, whoever else was running).
+    (this process's CPU time, summed over its threads: on a machine shared
+    with other busy programs, runs compared at equal CPU time and the same
+    --threads get equal work, whoever else was running).
     """
 
     CLOCKS = {"wall": lambda: time.perf_counter(), "cpu": lambda: time.process_time()}  # looked up when read

@@ -62,7 +62,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_iters: int = 700
     max_seconds: float = 0.0  # a time budget for the loop: the schedule follows it and max_iters is ignored; 0 = off
-    budget_clock: str = "wall"  # what max_seconds counts: wall | cpu (this process's CPU time: fair on a shared machine)
+    budget_clock: str = "wall"  # what max_seconds counts: wall | cpu (this process's CPU time, summed over its threads: fair on a shared machine)
     learning_rate: float = 3e-3  # AdamW's (embeddings, head, norms, biases; everything under --optimizer=adamw)
     min_lr: float = 3e-4  # the cosine schedule ends here
     warmup_iters: int = 50
