@@ -150,7 +150,7 @@ def load_teacher_dataset(name, dataset):
         raise UserError(f"--teacher_dataset distills a bytes student, and {dataset.meta['tokenization']} data "
                         "is not bytes: prepare the student's data with --tokenization=bytes")
     teacher_data = train.load_dataset(name, 1)
-    if teacher_data.meta["tokenization"] in ("bytes", "pooled"):
+    if teacher_data.meta["tokenization"] in ("bytes", "bytes_gpt2", "pooled"):
         raise UserError(f"--teacher_dataset={name} is {teacher_data.meta['tokenization']} data: "
                         "it must be the teacher's own tokenization of the corpus (or drop --teacher_dataset)")
     table = token_byte_table(teacher_data.meta["tokenization"])

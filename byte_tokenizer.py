@@ -36,12 +36,18 @@ otherwise the prediction of byte t + 1 would leak information about it.
   depend on the past only: valid.
 - `fixed`: every fixed_chunk_bytes bytes, counted from the window's start:
   valid.
-- `gpt2` (STLM's choice): not valid here. BPE merges look ahead: whether
-  "the" is a token or the start of "there" depends on the bytes after it, so
-  a flat byte model cannot condition on GPT-2 token ends, and the config
-  refuses it. tokenizer.Segmenter("gpt2") still cuts text into GPT-2 chunks
-  exactly (`python byte_tokenizer.py "text"` shows them), for comparing where
-  the rules cut.
+- `gpt2` (STLM's choice): a GPT-2 token's end depends on the bytes after it
+  (BPE merges look ahead: whether "the" is a token or the start of "there"),
+  so the model cannot find it from the bytes so far. It is made exact by
+  writing the ends into the data: `python data/prepare.py
+  --tokenization=bytes_gpt2` puts an end marker (id 256) after each GPT-2
+  token's bytes, chunks end at the markers, and the model predicts a marker
+  like any byte. It then models the text together with its GPT-2
+  segmentation, and p(text, segmentation) <= p(text): its bits per byte (the
+  markers' nats counted, their zero bytes of text not) is an upper bound on
+  the text's code length, honest and a little pessimistic. Only on
+  bytes_gpt2 data, and only this rule there. `python byte_tokenizer.py
+  "text"` shows where each rule cuts.
 
 Chunk ends are found within each window the model reads (the first byte of a
 window has no byte before it), so a training window, an evaluation window and
@@ -58,10 +64,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError, parse_config, run
-from tokenizer import (BYTE_VOCAB, FIXED_CHUNK_BYTES, GPT2_VOCAB, MAX_CHUNK_BYTES, SEGMENTERS, Segmenter,
-                       is_spacelike, join_chunks)
+from tokenizer import (BYTE_VOCAB, FIXED_CHUNK_BYTES, GPT2_TOKEN_END, GPT2_VOCAB, MAX_CHUNK_BYTES, SEGMENTERS,
+                       Segmenter, is_spacelike, join_chunks)
 
-BOUNDARIES = ("space", "fixed")  # the rules a flat byte model may condition on (see above)
+BOUNDARIES = ("space", "fixed", "gpt2")  # the rules a flat byte model may condition on (see above)
+MARKED_VOCAB = GPT2_TOKEN_END + 1  # bytes_gpt2 data: 256 bytes and the end marker
 # default sizes of the local byte layers: narrow next to the core, as they run on every byte
 BYTE_WIDTH = 64
 BYTE_HEADS = 2  # head size 32: fewer, wider heads run faster over short windows
@@ -70,9 +77,15 @@ BYTE_LAYERS_OUT = 2  # local layers after it
 BYTE_WINDOW = 64  # bytes each local layer attends to: about ten words back
 
 
-def refuse_gpt2_boundaries():
-    raise UserError("--boundary=gpt2 cannot be used in a flat byte model: a GPT-2 token's end depends on the bytes "
-                    "after it (BPE merges look ahead); use --boundary=space or --boundary=fixed")
+def check_data(boundary, vocab_size):
+    """Each rule reads its own data: GPT-2 ends only from bytes_gpt2's markers, the others from plain bytes."""
+    if boundary == "gpt2" and vocab_size != MARKED_VOCAB:
+        raise UserError("--boundary=gpt2 needs GPT-2's token ends written into the data (they depend on the bytes "
+                        "after them, so the model cannot find them): python data/prepare.py --tokenization=bytes_gpt2")
+    if boundary != "gpt2" and vocab_size != BYTE_VOCAB:
+        marked = " (bytes_gpt2 data pools with --boundary=gpt2)" if vocab_size == MARKED_VOCAB else ""
+        raise UserError(f"a pooled model with --boundary={boundary} reads bytes, but the data has {vocab_size} token "
+                        f"ids{marked}: prepare it with python data/prepare.py --tokenization=bytes")
 
 
 # ----------------------------------------------------------------------------
@@ -83,10 +96,12 @@ def chunk_ends(idx, boundary, max_chunk_bytes=MAX_CHUNK_BYTES, fixed_chunk_bytes
     (B, T) bool: True where byte t is the last byte of a chunk, from bytes
     0..t only. The same cuts as tokenizer.Segmenter(boundary, ...) makes of
     the window (a test checks it), except that the window's last byte is an
-    end only if the rule says so.
+    end only if the rule says so. Under gpt2 the markers are the ends.
     """
     B, T = idx.shape
     t = torch.arange(T, device=idx.device)
+    if boundary == "gpt2":
+        return idx == GPT2_TOKEN_END
     if boundary == "fixed":
         return ((t + 1) % fixed_chunk_bytes == 0).expand(B, T)
     spacelike = is_spacelike(idx)
@@ -187,11 +202,11 @@ class PooledBytes(nn.Module):
 
     def __init__(self, n_embd, block_size, width=BYTE_WIDTH, n_head=BYTE_HEADS, layers_in=BYTE_LAYERS_IN,
                  layers_out=BYTE_LAYERS_OUT, window=BYTE_WINDOW, boundary="space", max_chunk_bytes=MAX_CHUNK_BYTES,
-                 fixed_chunk_bytes=FIXED_CHUNK_BYTES):
+                 fixed_chunk_bytes=FIXED_CHUNK_BYTES, vocab_size=BYTE_VOCAB):
         super().__init__()
         self.window, self.boundary = window, boundary
         self.max_chunk_bytes, self.fixed_chunk_bytes = max_chunk_bytes, fixed_chunk_bytes
-        self.byte_embedding = nn.Embedding(BYTE_VOCAB, width)
+        self.byte_embedding = nn.Embedding(vocab_size, width)  # 256 bytes (and bytes_gpt2's end marker)
         self.position = nn.Embedding(block_size, width)
         self.layers_in = nn.ModuleList([ByteBlock(width, n_head) for _ in range(layers_in)])
         self.up = nn.Linear(width, n_embd, bias=False)  # a chunk end's byte state -> the core's input
@@ -283,7 +298,7 @@ def main(argv=None):
             print(f"{name:>6}: unavailable ({e})")
             continue
         assert join_chunks(chunks) == data  # the codec is lossless
-        use = "a pooled model's rule" if name in BOUNDARIES else "looks ahead: not for the model"
+        use = "looks ahead: read from bytes_gpt2 data's markers" if name == "gpt2" else "found from the past"
         print(f"{name:>6}: {len(chunks)} chunks, {len(data) / max(1, len(chunks)):.2f} bytes each ({use}): "
               + " | ".join(repr(c)[2:-1] for c in chunks))
     pooled = pooled_parameters(config.n_embd, config.block_size, width=config.byte_width, n_head=config.byte_heads,

@@ -40,6 +40,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,8 +101,10 @@ def dataset_for(checkpoint, name=""):
 
 def val_text(dataset, n_bytes):
     """The first n_bytes of the validation text, as a string (a cut character is dropped)."""
-    table = token_byte_table(dataset.meta["tokenization"])  # every token is at least one byte: n_bytes are enough
-    data = b"".join(table[token] for token in dataset.val[:n_bytes].tolist())
+    table = token_byte_table(dataset.meta["tokenization"])
+    covered = np.cumsum([len(table[token]) for token in dataset.val[:2 * n_bytes].tolist()])
+    n_tokens = int(np.searchsorted(covered, n_bytes)) + 1  # bytes_gpt2's markers are tokens of no bytes
+    data = b"".join(table[token] for token in dataset.val[:n_tokens].tolist())
     return data[:n_bytes].decode("utf-8", errors="ignore")
 
 

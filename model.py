@@ -74,7 +74,7 @@ class GPTConfig:
     ffn_norm_folded: bool = False  # set by reparam.py: ln_2's scale and shift are folded into the FFN
     # embedder and head: tokens, or (on bytes data) byte_tokenizer.py's pooled byte layers around the core
     embedder: str = "tokens"  # tokens | pooled: the core runs per token, or once per chunk of bytes
-    boundary: str = "space"  # pooled: where chunks end, from the bytes seen so far: space | fixed
+    boundary: str = "space"  # pooled: where chunks end, from the bytes seen so far: space | fixed | gpt2 (bytes_gpt2 data)
     max_chunk_bytes: int = MAX_CHUNK_BYTES  # pooled, space: a chunk this long ends here
     fixed_chunk_bytes: int = FIXED_CHUNK_BYTES  # pooled, fixed: the chunk size
     byte_width: int = byte_tokenizer.BYTE_WIDTH  # width of the local byte layers
@@ -106,12 +106,9 @@ class GPTConfig:
         choices = {"ffn": ("gelu", "relu2", "swiglu", *reparam.FFN_TYPES), "norm": ("layernorm", "rmsnorm"),
                    "pos": ("learned", "rope"), "embedder": ("tokens", "pooled")}
         if self.embedder == "pooled":
-            if self.boundary == "gpt2":
-                byte_tokenizer.refuse_gpt2_boundaries()
             choices["boundary"] = byte_tokenizer.BOUNDARIES
-            if self.vocab_size != BYTE_VOCAB:
-                raise UserError(f"a pooled model reads bytes, but the data has {self.vocab_size} token ids: prepare "
-                                "it with python data/prepare.py --tokenization=bytes")
+            if self.boundary in byte_tokenizer.BOUNDARIES:
+                byte_tokenizer.check_data(self.boundary, self.vocab_size)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{key}={getattr(self, key)} is not one of {', '.join(allowed)}")
@@ -287,8 +284,8 @@ class GPT(nn.Module):
             self.wte = byte_tokenizer.PooledBytes(
                 config.n_embd, config.block_size, config.byte_width, config.byte_heads, config.byte_layers_in,
                 config.byte_layers_out, config.byte_window, config.boundary, config.max_chunk_bytes,
-                config.fixed_chunk_bytes)
-            self.lm_head = nn.Linear(config.byte_width, BYTE_VOCAB, bias=False)
+                config.fixed_chunk_bytes, config.vocab_size)
+            self.lm_head = nn.Linear(config.byte_width, config.vocab_size, bias=False)
             if config.tie_embeddings:
                 self.lm_head.weight = self.wte.byte_embedding.weight
         else:

@@ -1,13 +1,17 @@
 """
 Tokenization: how text becomes the numbers a model reads, and back.
 
-Every dataset in this project is one of three tokenizations of the same bytes:
+Every dataset in this project is one of these tokenizations of the same bytes:
 
-- `bytes`   one token per byte: vocabulary 256, nothing to learn, nothing lost.
-- `bpe`     GPT-2's byte-level BPE through tiktoken: 50,257 tokens of about 3-4 bytes each.
-- `hf:DIR`  a Hugging Face tokenizer from a local folder or .gguf file (a distillation teacher's).
+- `bytes`       one token per byte: vocabulary 256, nothing to learn, nothing lost.
+- `bpe`         GPT-2's byte-level BPE through tiktoken: 50,257 tokens of about 3-4 bytes each.
+- `bytes_gpt2`  the bytes, with an end marker (id 256, no bytes of text) after each GPT-2 token:
+                vocabulary 257. GPT-2's cuts written into a byte stream, for a pooled model
+                that pools by GPT-2 tokens (byte_tokenizer.py says why they must be in the data).
+- `hf:DIR`      a Hugging Face tokenizer from a local folder or .gguf file (a distillation teacher's).
 
-A pooled byte model (byte_tokenizer.py) reads `bytes` data and cuts it into *chunks* itself.
+A pooled byte model (byte_tokenizer.py) reads `bytes` data and cuts it into *chunks* itself
+(or, on `bytes_gpt2` data, at the markers).
 The segmenters here cut text the same ways (GPT-2 tokens, SpaceByte's spacelike rule,
 every N bytes) with a lossless codec for any bytes: the model's rules are tested against
 them, and `python byte_tokenizer.py "text"` shows where each rule cuts.
@@ -35,7 +39,8 @@ BYTE_VOCAB = 256  # the byte vocabulary: one token per byte value
 GPT2_ENCODING = "gpt2"  # tiktoken's name for GPT-2's BPE
 GPT2_VOCAB = 50257  # its vocabulary: 50,000 merges, 256 bytes and <|endoftext|>
 HF_PREFIX = "hf:"  # "hf:<folder>" names a Hugging Face tokenization in meta.json
-TOKENIZATIONS = ("bytes", "bpe", "hf")
+TOKENIZATIONS = ("bytes", "bpe", "bytes_gpt2", "hf")
+GPT2_TOKEN_END = BYTE_VOCAB  # bytes_gpt2: the id after each GPT-2 token's bytes
 TOKEN_BYTES_NAME = "token_bytes.npy"  # beside a prepared dataset: the bytes of text each token id stands for
 
 # chunks of bytes (byte_tokenizer.py): how text is cut
@@ -122,7 +127,8 @@ def hf_token_bytes(tokenizer):
 # every tokenization: text -> ids, ids -> bytes
 
 def _unknown(tokenization):
-    return UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe or {HF_PREFIX}<tokenizer folder>")
+    return UserError(f"unknown tokenization {tokenization!r}: expected bytes, bpe, bytes_gpt2 or "
+                     f"{HF_PREFIX}<tokenizer folder>")
 
 
 def encode(tokenization, text):
@@ -134,6 +140,8 @@ def encode(tokenization, text):
     if tokenization == "bpe":
         # encode_ordinary: a literal "<|endoftext|>" is plain text, as in the training data
         return gpt2_encoding().encode_ordinary(text)
+    if tokenization == "bytes_gpt2":
+        return mark_gpt2_token_ends(text.encode("utf-8")).tolist()
     if tokenization.startswith(HF_PREFIX):
         return load_hf_tokenizer(tokenization[len(HF_PREFIX):]).encode(text, add_special_tokens=False)
     raise _unknown(tokenization)
@@ -147,6 +155,8 @@ def token_byte_table(tokenization):
     if tokenization == "bpe":
         encoding = gpt2_encoding()
         return [encoding.decode_single_token_bytes(i) for i in range(encoding.n_vocab)]
+    if tokenization == "bytes_gpt2":
+        return [bytes([i]) for i in range(BYTE_VOCAB)] + [b""]  # the marker stands for no text
     if tokenization.startswith(HF_PREFIX):
         return hf_token_bytes(load_hf_tokenizer(tokenization[len(HF_PREFIX):]))
     raise _unknown(tokenization)
@@ -186,6 +196,15 @@ def gpt2_lengths(data):
         elif piece:
             lengths.append(token_lengths[encoding.encode_ordinary(piece)])
     return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+
+
+def mark_gpt2_token_ends(data):
+    """
+    bytes_gpt2: the bytes (uint16) with GPT2_TOKEN_END after each GPT-2 token's
+    bytes. Lossless: dropping the markers gives the bytes back.
+    """
+    values = np.frombuffer(bytes(data), dtype=np.uint8).astype(np.uint16)
+    return np.insert(values, np.cumsum(gpt2_lengths(bytes(data))), GPT2_TOKEN_END)
 
 
 def is_spacelike(values):

@@ -15,10 +15,14 @@ The last --val_fraction of the corpus is the validation split, cut at a UTF-8
 character boundary so both tokenizations split exactly the same text.
 - bytes: the raw UTF-8 bytes, vocab 256, stored as uint8
 - bpe:   tiktoken's GPT-2 encoding, vocab 50257, stored as uint16
+- bytes_gpt2: the raw bytes with an end marker (id 256) after each GPT-2
+         token, vocab 257, stored as uint16: for a pooled model that pools by
+         GPT-2 tokens (--embedder=pooled --boundary=gpt2)
 - hf:    a Hugging Face tokenizer from a local folder (--tokenizer_dir, e.g. a
          distillation teacher's), recorded as "hf:<folder>"; needs transformers
 A pooled byte model (byte_tokenizer.py) reads bytes data: it finds its chunk
-ends itself, from the bytes, so it needs no data of its own.
+ends itself, from the bytes (or at bytes_gpt2's markers, which it cannot find
+itself: a GPT-2 token's end depends on the bytes after it).
 meta.json (never pickle) holds the vocab, dtype, token and byte counts.
 token_bytes.npy holds the bytes of text each token id stands for, checked to
 rebuild the corpus exactly: train.py divides by them for bits per byte, with
@@ -41,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: find the project modules
 import tokenizer  # noqa: E402  (torch-free: preparing data never loads the model)
 from cli import UserError, parse_config, run  # noqa: E402
-from tokenizer import HF_PREFIX, TOKEN_BYTES_NAME  # noqa: E402
+from tokenizer import HF_PREFIX, TOKEN_BYTES_NAME, TOKENIZATIONS  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -49,14 +53,13 @@ TINYSHAKESPEARE_PATH = Path("shakespeare") / "input.txt"  # under the data folde
 DOWNLOAD_TIMEOUT_S = 10  # offline, fail fast and use the fallback corpus
 STDLIB_CORPUS_BYTES = 3_000_000  # about 3x tinyshakespeare: enough text to learn from, quick to tokenize
 UTF8_MAX_CONTINUATION = 3  # a UTF-8 character is one lead byte and at most 3 continuation bytes
-TOKENIZATIONS = ("bytes", "bpe", "hf")
 ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as the "surrogateescape" decoder writes it
 
 
 @dataclass
 class PrepareConfig:
     input: str = ""  # comma-separated text files; empty = the default corpus (tinyshakespeare)
-    tokenization: str = "bytes"  # bytes | bpe | hf
+    tokenization: str = "bytes"  # bytes | bpe | bytes_gpt2 | hf
     tokenizer_dir: str = ""  # for --tokenization=hf: a folder with a Hugging Face tokenizer (or a .gguf file)
     name: str = ""  # output folder under the data folder; empty = <first input's stem or "default">_<tokenization>
     val_fraction: float = 0.1  # the last this-much of the corpus is the validation split
@@ -145,7 +148,7 @@ def warn_if_not_utf8(data, corpus, tokenization):
         pass
     invalid = len(ESCAPED_BYTE.findall(data.decode("utf-8", errors="surrogateescape")))
     print(f"warning: {invalid:,} of {len(data):,} bytes of {corpus} are not UTF-8 (binary, or another encoding?): "
-          "bytes keeps every byte as it is; bpe and hf replace each invalid sequence with U+FFFD, "
+          "bytes and bytes_gpt2 keep every byte as it is; bpe and hf replace each invalid sequence with U+FFFD, "
           f"so they train on altered text (this run: {tokenization})", file=sys.stderr)
     return invalid
 
@@ -184,6 +187,8 @@ def tokenize(data, tokenization, encoder=None):
     """
     if tokenization == "bytes":
         return np.frombuffer(data, dtype=np.uint8).copy(), data
+    if tokenization == "bytes_gpt2":  # every byte kept, as bytes; GPT-2 cuts invalid UTF-8 byte by byte
+        return tokenizer.mark_gpt2_token_ends(data), data
     text = data.decode("utf-8", errors="replace")
     if tokenization == "bpe":
         # encode_ordinary: a literal "<|endoftext|>" in the corpus is plain text, not the special token
@@ -197,6 +202,8 @@ def id_dtype(tokenization, encoder=None):
     """The smallest dtype that holds every token id."""
     if tokenization == "bytes":
         return "uint8"
+    if tokenization == "bytes_gpt2":
+        return "uint16"  # 257 ids
     vocab_size = encoder.n_vocab if tokenization == "bpe" else len(encoder)
     return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
 

@@ -21,11 +21,14 @@ from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_c
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = bt.BOUNDARIES
+FOUND_RULES = ("space", "fixed")  # the rules the model finds from the bytes; gpt2's ends are markers in the data
 
 
 def small_model(boundary="space", block_size=24, window=6, max_chunk_bytes=5, fixed_chunk_bytes=3, dtype=torch.float32):
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, embedder="pooled", boundary=boundary,
+    vocab_size = bt.MARKED_VOCAB if boundary == "gpt2" else tk.BYTE_VOCAB
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size,
+                       embedder="pooled", boundary=boundary,
                        max_chunk_bytes=max_chunk_bytes, fixed_chunk_bytes=fixed_chunk_bytes, byte_width=16,
                        byte_heads=2, byte_layers_in=1, byte_layers_out=2, byte_window=window, qk_norm=True,
                        ffn="relu2")
@@ -45,10 +48,18 @@ def spacey_bytes(rng, shape):
     return torch.from_numpy(np.where(pick < 0.35, spaces, np.where(pick < 0.9, letters, other)).astype(np.int64))
 
 
+def rule_ids(rng, shape, rule):
+    """Input for a model under `rule`: spacey bytes, and under gpt2 end markers in a fifth of the places."""
+    idx = spacey_bytes(rng, shape)
+    if rule == "gpt2":
+        idx[torch.from_numpy(rng.random(shape) < 0.2)] = tk.GPT2_TOKEN_END
+    return idx
+
+
 # ----------------------------------------------------------------------------
 # chunk ends
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", FOUND_RULES)
 def test_chunk_ends_are_the_segmenters_cuts_decided_from_the_past(rule):
     rng = np.random.default_rng(0)
     idx = spacey_bytes(rng, (20, 40))
@@ -63,10 +74,27 @@ def test_chunk_ends_are_the_segmenters_cuts_decided_from_the_past(rule):
         assert torch.equal(bt.chunk_ends(idx[:, :t], rule, 5, 3), ends[:, :t])
 
 
-def test_gpt2_boundaries_are_refused_with_the_reason():
-    with pytest.raises(UserError, match="look ahead"):
+def test_gpt2_ends_are_markers_in_bytes_gpt2_data_at_gpt2s_cuts(gpt2):
+    text = "Hello there, naïve café 東京 🙂!\n  theirs".encode("utf-8") + b"\xff\xfe tail"  # invalid UTF-8 too
+    ids = tk.mark_gpt2_token_ends(text)
+    assert bytes(ids[ids != tk.GPT2_TOKEN_END].astype(np.uint8)) == text  # lossless
+    table = tk.token_byte_table("bytes_gpt2")
+    assert b"".join(table[i] for i in ids) == text and table[tk.GPT2_TOKEN_END] == b""
+    assert ids[-1] == tk.GPT2_TOKEN_END and tk.encode("bytes_gpt2", "to be") == list(b"to") + [256] + list(b" be") + [256]
+    segmenter = tk.Segmenter("gpt2", max_chunk_bytes=len(text))  # GPT-2's own cuts, none split
+    chunks = [bytes(c.astype(np.uint8)) for c in np.split(ids, np.flatnonzero(ids == tk.GPT2_TOKEN_END) + 1)[:-1]]
+    assert [c[:-1] for c in chunks] == segmenter.split(text)  # each chunk: a token's bytes, then its marker
+    ends = bt.chunk_ends(torch.from_numpy(ids.astype(np.int64))[None], "gpt2")[0]
+    assert torch.equal(ends, torch.from_numpy(ids == tk.GPT2_TOKEN_END))
+
+
+def test_each_boundary_reads_its_own_data():
+    with pytest.raises(UserError, match="--tokenization=bytes_gpt2"):
         GPTConfig(embedder="pooled", boundary="gpt2").validate()
-    with pytest.raises(UserError, match="--boundary=words is not one of space, fixed"):
+    GPTConfig(embedder="pooled", boundary="gpt2", vocab_size=bt.MARKED_VOCAB).validate()
+    with pytest.raises(UserError, match="bytes_gpt2 data pools with --boundary=gpt2"):
+        GPTConfig(embedder="pooled", boundary="space", vocab_size=bt.MARKED_VOCAB).validate()
+    with pytest.raises(UserError, match="--boundary=words is not one of space, fixed, gpt2"):
         GPTConfig(embedder="pooled", boundary="words").validate()
     with pytest.raises(UserError, match="reads bytes"):
         GPTConfig(embedder="pooled", vocab_size=50257).validate()
@@ -79,14 +107,15 @@ def test_gpt2_boundaries_are_refused_with_the_reason():
 def test_no_byte_prediction_sees_a_later_byte(rule):
     model = small_model(rule)
     rng = np.random.default_rng(1)
-    idx = spacey_bytes(rng, (3, 24))
+    idx = rule_ids(rng, (3, 24), rule)
+    an_end = tk.GPT2_TOKEN_END if rule == "gpt2" else ord(" ")
     with torch.no_grad():
         reference = model(idx)[0]
         for t in range(0, 23, 2):
             changed = idx.clone()
-            changed[:, t + 1:] = spacey_bytes(rng, (3, 23 - t))  # byte t + 1 and everything after it
+            changed[:, t + 1:] = rule_ids(rng, (3, 23 - t), rule)  # byte t + 1 and everything after it
             ended = bt.chunk_ends(idx, rule, 5, 3)[:, t + 1]
-            changed[:, t + 1] = torch.where(ended, ord("x"), ord(" "))  # a chunk end moves (under the space rule)
+            changed[:, t + 1] = torch.where(ended, ord("x"), an_end)  # a chunk end moves (not under fixed)
             logits = model(changed)[0]
             torch.testing.assert_close(logits[:, :t + 1], reference[:, :t + 1], rtol=0, atol=1e-6)
             assert not torch.allclose(logits[:, t + 1:], reference[:, t + 1:])  # the test can see a change
@@ -111,7 +140,9 @@ def loop_chunk_ends(row, rule, max_chunk_bytes, fixed_chunk_bytes):
     ends, length = [], 0
     for t, byte in enumerate(row):
         length += 1
-        if rule == "fixed":
+        if rule == "gpt2":
+            end = byte == tk.GPT2_TOKEN_END
+        elif rule == "fixed":
             end = (t + 1) % fixed_chunk_bytes == 0
         else:
             spacelike = not (chr(byte).isascii() and chr(byte).isalnum()) and not 0x80 <= byte < 0xC0
@@ -161,7 +192,7 @@ def loop_reference_logits(model, row):
 def test_flat_batched_model_equals_a_loop_reference(rule):
     model = small_model(rule)
     rng = np.random.default_rng(2)
-    idx = spacey_bytes(rng, (3, 24))
+    idx = rule_ids(rng, (3, 24), rule)
     idx[1, :20] = ord("q")  # rows with different numbers of chunk ends: the batched core pads
     with torch.no_grad():
         logits = model(idx)[0]
@@ -186,7 +217,7 @@ def test_loss_is_next_byte_cross_entropy_in_nats_per_byte():
 @pytest.mark.parametrize("rule", RULES)
 def test_cached_byte_states_equal_a_full_recompute(rule):
     model = small_model(rule)
-    idx = spacey_bytes(np.random.default_rng(4), (1, 24))
+    idx = rule_ids(np.random.default_rng(4), (1, 24), rule)
     with torch.no_grad():
         full = model.hidden_states(idx)
         cache = model.new_cache(1, "cpu", torch.float32)
@@ -266,13 +297,41 @@ def test_prepare_train_sample_pooled(tmp_path):
     assert result.stdout.startswith("the ") and len(result.stdout) > 30 and "tokens/s" in result.stderr
 
 
-def test_pooled_data_and_gpt2_boundaries_are_one_line_errors(tmp_path):
+def test_prepare_train_sample_pooled_by_gpt2_tokens(tmp_path, gpt2):
+    rng = np.random.default_rng(0)
+    words = ["the ", "cat ", "sat ", "on ", "a ", "mat. ", "a ", "dog ", "ran\n", "théâtre "]
+    text = "".join(rng.choice(words, size=3000))
+    (tmp_path / "tiny.txt").write_text(text)
+    folder = prepare.prepare(prepare.PrepareConfig(input=str(tmp_path / "tiny.txt"), data_dir=str(tmp_path),
+                                                   tokenization="bytes_gpt2"))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["vocab_size"] == bt.MARKED_VOCAB and meta["train_bytes"] + meta["val_bytes"] == len(text.encode())
+    out = tmp_path / "out"
+    train.main([f"--dataset={folder}", f"--out_dir={out}", *TINY, "--boundary=gpt2", "--max_iters=40"])
+    # bits per byte counts the markers' nats and none of their (zero) bytes: by hand on two windows
+    model = model_from_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
+    dataset = train.load_dataset(str(folder), 32)
+    result = train.evaluate(model, dataset.val, dataset.token_bytes, 32, max_tokens=64)
+    windows = torch.from_numpy(dataset.val[:65].astype(np.int64))
+    x, y = torch.stack([windows[:32], windows[32:64]]), torch.stack([windows[1:33], windows[33:65]])
+    with torch.no_grad():
+        nats = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction="sum").item()
+    text_bytes = int((y != tk.GPT2_TOKEN_END).sum())
+    assert 0 < text_bytes < y.numel()  # markers were predicted, and are not bytes
+    assert result["val_bpb"] == pytest.approx(nats / (np.log(2) * text_bytes), rel=1e-5)
+    result = subprocess.run([sys.executable, "sample.py", f"--ckpt={out / 'ckpt.pt'}", "--prompt=the cat",
+                             "--max_new_tokens=40", "--threads=1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("the cat") and "\x00" not in result.stdout  # markers print as nothing
+
+
+def test_pooled_data_and_gpt2_boundaries_on_bytes_are_one_line_errors(tmp_path):
     bad = subprocess.run([sys.executable, "data/prepare.py", "--tokenization=pooled"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "--embedder=pooled" in bad.stderr
     (tmp_path / "tiny.txt").write_text("to be or not to be " * 100)
     folder = prepare.prepare(prepare.PrepareConfig(input=str(tmp_path / "tiny.txt"), data_dir=str(tmp_path)))
-    with pytest.raises(UserError, match="look ahead"):
+    with pytest.raises(UserError, match="--tokenization=bytes_gpt2"):
         train.main([f"--dataset={folder}", f"--out_dir={tmp_path / 'out'}", *TINY, "--boundary=gpt2"])
 
 
