@@ -57,7 +57,7 @@ def _tests(listing):
 
 # the tests that run train.py's training loop: every exercise whose functions the loop calls is graded by them
 TRAINING_RUNS = """
-    test_byte_tokenizer.py: test_prepare_train_sample_pooled
+    test_byte_tokenizer.py: test_prepare_train_sample_pooled test_prepare_train_sample_pooled_by_gpt2_tokens
     test_ddp.py: test_only_the_main_process_logs_and_writes test_two_process_checkpoint_resumes_in_one_process
         test_two_processes_follow_the_single_process_loss_curve
     test_distill.py: test_a_gguf_file_loads_as_a_teacher_and_distills_a_bytes_student
@@ -92,7 +92,8 @@ POOLED_MODEL = """
     test_byte_tokenizer.py: test_cached_byte_states_equal_a_full_recompute
         test_flat_batched_model_equals_a_loop_reference test_generation_with_the_cache_equals_full_recompute
         test_loss_is_next_byte_cross_entropy_in_nats_per_byte test_no_byte_prediction_sees_a_later_byte
-        test_prepare_train_sample_pooled test_probabilities_of_every_two_byte_continuation_sum_to_one
+        test_prepare_train_sample_pooled test_prepare_train_sample_pooled_by_gpt2_tokens
+        test_probabilities_of_every_two_byte_continuation_sum_to_one
     test_distill.py: test_byte_mismatches_and_pooled_teachers_are_one_line_errors
         test_distillation_runs_and_logs_its_parts[mode3] test_distillation_runs_and_logs_its_parts[mode4]
     test_evaluation.py: test_byte_loglikelihood_equals_the_forward_pass[case0-pooled]
@@ -138,6 +139,7 @@ EXERCISES = {
         ("space_lengths", "split_long"), _tests("""
         test_byte_tokenizer.py: test_chunk_ends_are_the_segmenters_cuts_decided_from_the_past
             test_cli_prints_chunks_and_parameter_counts
+            test_gpt2_ends_are_markers_in_bytes_gpt2_data_at_gpt2s_cuts
         test_reliability.py: test_fuzz_every_segmenter_round_trips
         test_tokenizer.py: test_edge_cases_round_trip test_gpt2_segmenter_cuts_at_gpt2_tokens
             test_round_trip_of_random_bytes_and_unicode test_segmenters_by_hand""")),
@@ -192,6 +194,7 @@ EXERCISES = {
             test_tiny_sweep_writes_markdown_and_the_documented_json
         test_byte_tokenizer.py: test_cached_byte_states_equal_a_full_recompute
             test_generation_with_the_cache_equals_full_recompute test_prepare_train_sample_pooled
+            test_prepare_train_sample_pooled_by_gpt2_tokens
         test_evaluation.py: test_generate_until_is_greedy_and_stops
             test_lm_eval_hf_model_on_the_export_gives_the_same_numbers
         test_export.py: test_bpe_tokenizer_matches_tiktoken test_byte_tokenizer_round_trip test_command_line
@@ -251,7 +254,8 @@ EXERCISES = {
         ("window_mask", "ByteBlock.forward"), _tests(POOLED_MODEL)),
     12: Exercise("Pooling: the core at chunk ends, decided from the past", "byte_tokenizer.py",
         ("chunk_ends", "PooledBytes.run_core"), _tests(POOLED_MODEL + """
-        test_byte_tokenizer.py: test_chunk_ends_are_the_segmenters_cuts_decided_from_the_past""")),
+        test_byte_tokenizer.py: test_chunk_ends_are_the_segmenters_cuts_decided_from_the_past
+            test_gpt2_ends_are_markers_in_bytes_gpt2_data_at_gpt2s_cuts""")),
 }
 
 
