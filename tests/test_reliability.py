@@ -473,7 +473,7 @@ def test_prepare_warns_about_bytes_that_are_not_utf8(tmp_path, capsys):
     prepare.prepare(prepare.PrepareConfig(input=str(source), data_dir=str(tmp_path)))
     err = capsys.readouterr().err
     assert "100 of 388 bytes of program.bin are not UTF-8" in err
-    assert "bytes keeps every byte" in err and "bpe and hf replace" in err
+    assert "bytes and bytes_gpt2 keep every byte" in err and "bpe and hf replace" in err
     source.write_bytes(b"clean text\n" * 40)
     prepare.prepare(prepare.PrepareConfig(input=str(source), data_dir=str(tmp_path)))
     assert "not UTF-8" not in capsys.readouterr().err
