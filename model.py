@@ -74,7 +74,7 @@ class GPTConfig:
     ffn_norm_folded: bool = False  # set by reparam.py: ln_2's scale and shift are folded into the FFN
     # embedder and head: tokens, or (on bytes data) byte_tokenizer.py's pooled byte layers around the core
     embedder: str = "tokens"  # tokens | pooled: the core runs per token, or once per chunk of bytes
-    boundary: str = "space"  # pooled: where chunks end, from the bytes seen so far: space | fixed | gpt2 (bytes_gpt2 data)
+    boundary: str = "space"  # pooled: where chunks end: space | fixed (found from the past) | gpt2 (bytes_gpt2's markers)
     max_chunk_bytes: int = MAX_CHUNK_BYTES  # pooled, space: a chunk this long ends here
     fixed_chunk_bytes: int = FIXED_CHUNK_BYTES  # pooled, fixed: the chunk size
     byte_width: int = byte_tokenizer.BYTE_WIDTH  # width of the local byte layers
