@@ -98,10 +98,10 @@ def chunk_ends(idx, boundary, max_chunk_bytes=MAX_CHUNK_BYTES, fixed_chunk_bytes
     the window (a test checks it), except that the window's last byte is an
     end only if the rule says so. Under gpt2 the markers are the ends.
     """
-    B, T = idx.shape
-    t = torch.arange(T, device=idx.device)
     if boundary == "gpt2":
         return idx == GPT2_TOKEN_END
+    B, T = idx.shape
+    t = torch.arange(T, device=idx.device)
     if boundary == "fixed":
         return ((t + 1) % fixed_chunk_bytes == 0).expand(B, T)
     spacelike = is_spacelike(idx)

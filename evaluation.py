@@ -101,9 +101,10 @@ def dataset_for(checkpoint, name=""):
 
 def val_text(dataset, n_bytes):
     """The first n_bytes of the validation text, as a string (a cut character is dropped)."""
+    ids = torch.from_numpy(dataset.val[:2 * n_bytes].astype(np.int64))
+    covered = dataset.token_bytes[ids].cumsum(0)  # bytes_gpt2's markers are tokens of no bytes
+    n_tokens = int(torch.searchsorted(covered, n_bytes)) + 1
     table = token_byte_table(dataset.meta["tokenization"])
-    covered = np.cumsum([len(table[token]) for token in dataset.val[:2 * n_bytes].tolist()])
-    n_tokens = int(np.searchsorted(covered, n_bytes)) + 1  # bytes_gpt2's markers are tokens of no bytes
     data = b"".join(table[token] for token in dataset.val[:n_tokens].tolist())
     return data[:n_bytes].decode("utf-8", errors="ignore")
 

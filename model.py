@@ -107,11 +107,11 @@ class GPTConfig:
                    "pos": ("learned", "rope"), "embedder": ("tokens", "pooled")}
         if self.embedder == "pooled":
             choices["boundary"] = byte_tokenizer.BOUNDARIES
-            if self.boundary in byte_tokenizer.BOUNDARIES:
-                byte_tokenizer.check_data(self.boundary, self.vocab_size)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{key}={getattr(self, key)} is not one of {', '.join(allowed)}")
+        if self.embedder == "pooled":
+            byte_tokenizer.check_data(self.boundary, self.vocab_size)
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "block_repeat", "max_chunk_bytes",
                     "fixed_chunk_bytes", "byte_width", "byte_heads", "byte_window"):
             if getattr(self, key) < 1:

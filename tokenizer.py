@@ -203,8 +203,9 @@ def mark_gpt2_token_ends(data):
     bytes_gpt2: the bytes (uint16) with GPT2_TOKEN_END after each GPT-2 token's
     bytes. Lossless: dropping the markers gives the bytes back.
     """
-    values = np.frombuffer(bytes(data), dtype=np.uint8).astype(np.uint16)
-    return np.insert(values, np.cumsum(gpt2_lengths(bytes(data))), GPT2_TOKEN_END)
+    data = bytes(data)
+    values = np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+    return np.insert(values, np.cumsum(gpt2_lengths(data)), GPT2_TOKEN_END)
 
 
 def is_spacelike(values):
