@@ -105,7 +105,7 @@ def val_text(dataset, n_bytes):
     covered = dataset.token_bytes[ids].cumsum(0)  # bytes_gpt2's markers are tokens of no bytes
     n_tokens = int(torch.searchsorted(covered, n_bytes)) + 1
     table = token_byte_table(dataset.meta["tokenization"])
-    data = b"".join(table[token] for token in dataset.val[:n_tokens].tolist())
+    data = b"".join(table[token] for token in ids[:n_tokens].tolist())
     return data[:n_bytes].decode("utf-8", errors="ignore")
 
 
