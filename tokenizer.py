@@ -10,25 +10,24 @@ Every dataset in this project is one of these tokenizations of the same bytes:
                 that pools by GPT-2 tokens (byte_tokenizer.py says why they must be in the data).
 - `hf:DIR`      a Hugging Face tokenizer from a local folder or .gguf file (a distillation teacher's).
 
-A pooled byte model (byte_tokenizer.py) reads `bytes` data and cuts it into *chunks* itself
-(or, on `bytes_gpt2` data, at the markers).
-The segmenters here cut text the same ways (GPT-2 tokens, SpaceByte's spacelike rule,
-every N bytes) with a lossless codec for any bytes: the model's rules are tested against
-them, and `python byte_tokenizer.py "text"` shows where each rule cuts.
+A pooled byte model (byte_tokenizer.py) reads `bytes` data and finds its chunk ends itself
+(or, on `bytes_gpt2` data, at the markers); `python byte_tokenizer.py "text"` shows where.
 
 Each token id stands for a fixed byte string (`token_byte_table`): that is how generated
 ids become text, and how many bytes of text a predicted token covers, the denominator of
 bits per byte. data/prepare.py stores the lengths beside the data (token_bytes.npy), so
 training needs no tokenizer to report bits per byte.
 
+At the end of the file, `train_bpe` and `bpe_encode` are a small teaching BPE (EXERCISES.md's
+exercise 16): no dataset uses them; `bpe` is tiktoken's GPT-2.
+
 No torch in this file: data/prepare.py imports it without loading the model.
 
-    python -c "import tokenizer; print(tokenizer.Segmenter('space').split('Hello, world!'))"
+    python -c "import tokenizer; print(tokenizer.encode('bytes_gpt2', 'Hello, world!'))"
 """
 
 import functools
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +35,12 @@ import numpy as np
 from cli import UserError
 
 BYTE_VOCAB = 256  # the byte vocabulary: one token per byte value
-GPT2_ENCODING = "gpt2"  # tiktoken's name for GPT-2's BPE
-GPT2_VOCAB = 50257  # its vocabulary: 50,000 merges, 256 bytes and <|endoftext|>
+GPT2_VOCAB = 50257  # GPT-2's BPE vocabulary: 50,000 merges, 256 bytes and <|endoftext|>
 HF_PREFIX = "hf:"  # "hf:<folder>" names a Hugging Face tokenization in meta.json
 TOKENIZATIONS = ("bytes", "bpe", "bytes_gpt2", "hf")
 GPT2_TOKEN_END = BYTE_VOCAB  # bytes_gpt2: the id after each GPT-2 token's bytes
-TOKEN_BYTES_NAME = "token_bytes.npy"  # beside a prepared dataset: the bytes of text each token id stands for
-
-# chunks of bytes (byte_tokenizer.py): how text is cut
-SEGMENTERS = ("gpt2", "space", "fixed")
-MAX_CHUNK_BYTES = 16  # longer chunks are split; 99.9% of GPT-2 tokens in English text are shorter
-FIXED_CHUNK_BYTES = 4  # the fixed segmenter's chunk size: about a GPT-2 token's mean length in English
+BYTES_GPT2_VOCAB = GPT2_TOKEN_END + 1  # bytes_gpt2's vocabulary: the bytes and the end marker
+TOKEN_BYTES_NAME = "token_bytes.npy"  # beside a prepared dataset: how many bytes of text each token id is
 
 
 # ----------------------------------------------------------------------------
@@ -57,9 +51,9 @@ def gpt2_encoding():
     """tiktoken's GPT-2 encoding, with a one-line error when its files cannot be had (offline, no cache)."""
     import tiktoken  # only BPE and the gpt2 segmenter need it
     try:
-        return tiktoken.get_encoding(GPT2_ENCODING)
+        return tiktoken.get_encoding("gpt2")
     except Exception as e:  # requests' connection errors, or a corrupt cache
-        raise UserError(f"could not load tiktoken's {GPT2_ENCODING} encoding ({type(e).__name__}): it downloads its "
+        raise UserError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}): it downloads its "
                         "files once; offline, set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
 
 
@@ -82,12 +76,8 @@ def load_hf_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-SENTENCEPIECE_SPACE = "\u2581"  # "▁": SentencePiece writes a space as this character
-BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's piece for one raw byte
-
-
 def _is_byte_level(tokenizer):
-    """Byte-level BPE (GPT-2, SmolLM2) writes every byte as one printable character and decodes with ByteLevel."""
+    """Byte-level BPE (GPT-2, SmolLM2) writes each byte as one printable character, decoded by ByteLevel."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend is not None and '"ByteLevel"' in backend.to_str()
 
@@ -116,10 +106,10 @@ def hf_token_bytes(tokenizer):
             table.append(piece.encode("utf-8"))
         elif char_to_byte is not None and all(c in char_to_byte for c in piece):
             table.append(bytes(char_to_byte[c] for c in piece))
-        elif match := BYTE_FALLBACK_PIECE.fullmatch(piece):
+        elif match := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece's piece for one byte
             table.append(bytes([int(match[1], 16)]))
-        else:
-            table.append(piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8"))
+        else:  # SentencePiece writes a space as "▁"
+            table.append(piece.replace("\u2581", " ").encode("utf-8"))
     return table
 
 
@@ -132,9 +122,7 @@ def _unknown(tokenization):
 
 
 def encode(tokenization, text):
-    """
-    Token ids of a string (a prompt), as data/prepare.py tokenizes it.
-    """
+    """Token ids of a string (a prompt), as data/prepare.py tokenizes it."""
     if tokenization == "bytes":
         return list(text.encode("utf-8"))
     if tokenization == "bpe":
@@ -169,12 +157,13 @@ def unit_to_bytes(tokenization):
 
 
 # ----------------------------------------------------------------------------
-# segmenters: bytes -> chunk lengths
+# bytes_gpt2: GPT-2's token ends written into the byte stream
 
 @functools.lru_cache(maxsize=1)
 def _gpt2_token_lengths():
     encoding = gpt2_encoding()
-    return np.array([len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)], dtype=np.int64)
+    lengths = [len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)]
+    return np.array(lengths, dtype=np.int64)
 
 
 # bytes that are not UTF-8 decode to lone surrogates under "surrogateescape", one per byte
@@ -183,10 +172,10 @@ _ESCAPED_BYTE = re.compile("([\udc80-\udcff])")
 
 def gpt2_lengths(data):
     """
-    One chunk per GPT-2 token. tiktoken takes text, not bytes, so the bytes are
-    decoded with each invalid byte kept as an escape: valid runs are tokenized,
-    and each invalid byte becomes a chunk of its own. Token byte lengths add up
-    to the run's length because GPT-2's BPE is byte-level and lossless.
+    The byte length of each GPT-2 token of data. tiktoken takes text, not bytes, so the
+    bytes are decoded with each invalid byte kept as an escape: valid runs are tokenized,
+    and each invalid byte is a token of its own. The lengths add up to the run's because
+    GPT-2's BPE is byte-level and lossless.
     """
     encoding, token_lengths = gpt2_encoding(), _gpt2_token_lengths()
     lengths = []
@@ -208,75 +197,75 @@ def mark_gpt2_token_ends(data):
     return np.insert(values, np.cumsum(gpt2_lengths(data)), GPT2_TOKEN_END)
 
 
-def is_spacelike(values):
-    """SpaceByte's test, per byte: not an ASCII letter or digit, and not a UTF-8 continuation byte."""
-    letter_or_digit = ((values >= ord("a")) & (values <= ord("z"))) | ((values >= ord("A")) & (values <= ord("Z"))) \
-        | ((values >= ord("0")) & (values <= ord("9")))
-    continuation = (values & 0b1100_0000) == 0b1000_0000
-    return ~(letter_or_digit | continuation)
-
-
-def space_lengths(data):
-    """SpaceByte's rule: a chunk closes after a spacelike byte unless the byte before it was spacelike too."""
-    values = np.frombuffer(data, dtype=np.uint8)
-    spacelike = is_spacelike(values)
-    after_spacelike = np.concatenate([[False], spacelike[:-1]])  # the first byte has nothing before it
-    ends = np.flatnonzero(spacelike & ~after_spacelike) + 1
-    return np.diff(np.unique(np.concatenate([[0], ends, [len(values)]])))
-
-
-def fixed_lengths(data, size):
-    """Every `size` bytes; the last chunk holds what is left."""
-    full, rest = divmod(len(data), size)
-    return np.array([size] * full + ([rest] if rest else []), dtype=np.int64)
-
-
-def split_long(lengths, max_len):
-    """Cut every chunk longer than max_len into pieces of max_len and a remainder: nothing is dropped."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    pieces = -(-lengths // max_len)  # ceiling division
-    out = np.full(int(pieces.sum()), max_len, dtype=np.int64)
-    out[np.cumsum(pieces) - 1] = lengths - (pieces - 1) * max_len  # each chunk's last piece
-    return out
-
-
-@dataclass(frozen=True)
-class Segmenter:
-    name: str = "gpt2"  # gpt2 | space | fixed
-    max_chunk_bytes: int = MAX_CHUNK_BYTES
-    fixed_chunk_bytes: int = FIXED_CHUNK_BYTES
-
-    def __post_init__(self):
-        if self.name not in SEGMENTERS:
-            raise UserError(f"--segmenter={self.name} is not one of {', '.join(SEGMENTERS)}")
-        if self.max_chunk_bytes < 1 or self.fixed_chunk_bytes < 1:
-            raise UserError("--max_chunk_bytes and --fixed_chunk_bytes must be at least 1")
-
-    def lengths(self, data):
-        """Chunk lengths (numpy int64, each in 1..max_chunk_bytes) that add up to len(data)."""
-        data = bytes(data)
-        if self.name == "gpt2":
-            lengths = gpt2_lengths(data)
-        elif self.name == "space":
-            lengths = space_lengths(data)
-        else:
-            lengths = fixed_lengths(data, self.fixed_chunk_bytes)
-        return split_long(lengths, self.max_chunk_bytes)
-
-    def offsets(self, data):
-        """Chunk boundaries: 0, the end of each chunk, ..., len(data)."""
-        return np.concatenate([[0], np.cumsum(self.lengths(data))]).astype(np.int64)
-
-    def split(self, data):
-        """Text or bytes -> a list of chunks (bytes). join_chunks gives the same bytes back."""
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        offsets = self.offsets(data)
-        return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-
-
 # ----------------------------------------------------------------------------
-# the codec: chunks back to bytes, losslessly
+# a teaching BPE (EXERCISES.md, exercise 16): how a byte-level BPE learns its merges and how it
+# encodes with them. The project's BPE is tiktoken's gpt2 above, never this one; the tests check
+# this encoder against tiktoken's, run on the ranks this trainer learns.
 
-def join_chunks(chunks):
-    return b"".join(chunks)
+# GPT-2's pre-tokenization with ASCII classes (Python's re has no \p{L}): text is cut into pieces
+# (a word with its leading space, a number, punctuation, spaces) and no merge crosses a piece
+BPE_PIECES = r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+
+
+def join_pair(tokens, pair):
+    """tokens (a tuple of bytes) with each occurrence of pair, left to right, joined into one token."""
+    joined, i = [], 0
+    while i < len(tokens):
+        if tokens[i:i + 2] == pair:
+            joined.append(pair[0] + pair[1])
+            i += 2
+        else:
+            joined.append(tokens[i])
+            i += 1
+    return tuple(joined)
+
+
+def train_bpe(text, n_merges):
+    """
+    The ranks a byte-level BPE learns from text in n_merges merges: {token's bytes: id}, the 256
+    single bytes first (id = the byte's value), then each merge's token in the order learnt. A
+    merge joins the adjacent pair of tokens seen most often within text's pieces (BPE_PIECES),
+    ties going to the greatest pair (compared as (bytes, bytes), as CS336 does), everywhere at once;
+    a pair whose bytes are a token already joins into that token, and gets no new id.
+    """
+    ranks = {bytes([b]): b for b in range(BYTE_VOCAB)}
+    # each distinct piece once, as its tokens, with the number of times it occurs
+    pieces = {}
+    for piece in re.findall(BPE_PIECES, text):
+        tokens = tuple(bytes([b]) for b in piece.encode("utf-8"))
+        pieces[tokens] = pieces.get(tokens, 0) + 1
+    for _ in range(n_merges):
+        pairs = {}
+        for tokens, count in pieces.items():
+            for pair in zip(tokens, tokens[1:]):
+                pairs[pair] = pairs.get(pair, 0) + count
+        if not pairs:
+            break  # every piece is one token: nothing left to merge
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))
+        ranks.setdefault(best[0] + best[1], len(ranks))
+        pieces = {join_pair(tokens, best): count for tokens, count in pieces.items()}
+    return ranks
+
+
+def bpe_encode(text, ranks):
+    """
+    The token ids of text under ranks, as tiktoken encodes: piece by piece (BPE_PIECES); a piece
+    that is a token whole is that token; otherwise its bytes are joined, one pair at a time, at
+    the adjacent pair whose joined bytes have the lowest rank (the leftmost of equals), until no
+    adjacent pair joins into a token.
+    """
+    ids = []
+    for piece in re.findall(BPE_PIECES, text):
+        data = piece.encode("utf-8")
+        if data in ranks:
+            ids.append(ranks[data])
+            continue
+        tokens = [bytes([b]) for b in data]
+        while len(tokens) > 1:
+            candidates = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(tokens, tokens[1:])) if a + b in ranks]
+            if not candidates:
+                break
+            _, i = min(candidates)
+            tokens[i:i + 2] = [tokens[i] + tokens[i + 1]]
+        ids += [ranks[token] for token in tokens]
+    return ids

@@ -1,5 +1,9 @@
-"""Shared test setup: the project's modules on the path, one thread, and the tiny corpus and shapes most tests use."""
+"""
+Shared test setup: the project's modules on the path, one thread, the tiny corpus and shapes most
+tests use, and the exercise markers that tools/exercises.py grades by.
+"""
 
+import json
 import sys
 from pathlib import Path
 
@@ -64,14 +68,6 @@ def gpt2():
         pytest.skip(f"GPT-2 BPE files unavailable: {e}")
 
 
-@pytest.fixture(params=tokenizer.SEGMENTERS)
-def segmenter_name(request):
-    """Each segmenter's name in turn; gpt2 is skipped when tiktoken's files cannot be had."""
-    if request.param == "gpt2":
-        request.getfixturevalue("gpt2")
-    return request.param
-
-
 # ----------------------------------------------------------------------------
 # tiny models for the model and generation tests
 
@@ -117,8 +113,75 @@ VARIANTS = {
     "block_repeat": dict(block_repeat=2),
     "share_ffn": dict(share_ffn=True),
     "stlm-like": dict(pos="rope", ffn="swiglu", norm="rmsnorm", n_kv_head=2, block_repeat=2, share_ffn=True),
-    "speed-recipe": dict(ffn="relu2", qk_norm=True, logit_softcap=15.0),  # zero_init_proj: its own test
+    "speed-recipe": dict(ffn="relu2", qk_norm=True),
+    "ngram": dict(ngram_buckets=31),
 }
 VARIANT_PARAMS = [pytest.param(v, id=k) for k, v in VARIANTS.items()]
 CACHE_VARIANTS = [pytest.param(VARIANTS[k], id=k) for k in ("learned-gelu-layernorm", "rope", "gqa", "mqa-rope",
-                                                            "block_repeat", "stlm-like", "speed-recipe")]
+                                                            "block_repeat", "stlm-like", "speed-recipe", "ngram")]
+
+
+# ----------------------------------------------------------------------------
+# exercises: @pytest.mark.exercise(N) marks a quick test that grades exercise N (EXERCISES.md);
+# `pytest --exercise=N` runs only those, and tools/exercises.py reads --exercise-report as tests end
+
+def pytest_addoption(parser):
+    parser.addoption("--exercise", default="", metavar="N[,M...]",
+                     help="run only the tests marked @pytest.mark.exercise(N) for one of these exercises")
+    parser.addoption("--exercise-report", default="", metavar="FILE",
+                     help="append one JSON line per test as it ends (what tools/exercises.py shows)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "exercise(*numbers): a quick test that grades these exercises "
+                                       "(python tools/exercises.py check N)")
+    if config.getoption("--exercise-report"):
+        config.pluginmanager.register(ExerciseReport(config.getoption("--exercise-report")))
+
+
+def exercises_graded_by(item):
+    return sorted({number for mark in item.iter_markers("exercise") for number in mark.args})
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("--exercise")
+    if not wanted:
+        return
+    if not all(part.strip().isdigit() for part in wanted.split(",")):
+        raise pytest.UsageError(f"--exercise takes exercise numbers like 6 or 1,4, got {wanted!r}")
+    numbers = {int(part) for part in wanted.split(",")}
+    graded = [item for item in items if numbers & set(exercises_graded_by(item))]
+    config.hook.pytest_deselected(items=[item for item in items if item not in graded])
+    items[:] = graded
+
+
+class ExerciseReport:
+    """
+    One JSON line per test when its teardown ends: its outcome, the exercises it grades, and for a
+    failure the whole report (traceback, captured output: a stub's message can be anywhere in it).
+    """
+
+    def __init__(self, path):
+        self.path, self.graded, self.tests = path, {}, {}
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def pytest_collection_finish(self, session):
+        self.graded = {item.nodeid: exercises_graded_by(item) for item in session.items}
+        self.write({"collected": len(session.items)})
+
+    def pytest_runtest_logreport(self, report):
+        test = self.tests.setdefault(report.nodeid, {"id": report.nodeid, "outcome": "passed", "message": "",
+                                                     "text": ""})
+        if report.failed or (report.skipped and test["outcome"] == "passed"):
+            test["outcome"] = report.outcome
+            crash = getattr(report.longrepr, "reprcrash", None)
+            if report.skipped and isinstance(report.longrepr, tuple):
+                test["message"] = report.longrepr[2]  # (file, line, reason)
+            else:
+                test["message"] = crash.message if crash else report.longreprtext.strip().split("\n")[-1]
+            test["text"] = "\n".join([report.longreprtext, *(content for _, content in report.sections)])
+        if report.when == "teardown":
+            self.write({**self.tests.pop(report.nodeid), "exercises": self.graded.get(report.nodeid, [])})

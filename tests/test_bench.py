@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ import torch.nn as nn
 
 import bench
 import reparam
+import optim
 import train
 from cli import UserError
-from model import GPT, GPTConfig, preset_config, save_checkpoint
+from model import GPT, GPTConfig, KVCache, preset_config, save_checkpoint
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
 SLEEP_S = 0.01
@@ -21,11 +23,13 @@ def tiny_model(**overrides):
     return GPT(GPTConfig(**{**TINY, **overrides})).eval()
 
 
+@pytest.mark.exercise(5)
 def test_summarize_ms_median_and_nearest_rank_percentiles():
     stats = bench.summarize_ms([float(v) for v in range(10, 0, -1)])  # 1..10, unordered
     assert stats == {"median_ms": 5.5, "p10_ms": 2.0, "p90_ms": 9.0}
 
 
+@pytest.mark.exercise(5)
 def test_time_prefill_reports_median_and_spread():
     stats = bench.time_prefill(tiny_model(), seq_len=8, repeats=5, warmup=1)
     assert set(stats) == {"median_ms", "p10_ms", "p90_ms"}
@@ -61,6 +65,10 @@ def test_train_flops_match_a_hand_count_for_cpu_tiny():
     n = layers * per_layer + vocab * d  # + the head (tied: the embedding lookup is no matmul)
     assert bench.matmul_params(model) == n == 819_200
     assert bench.train_flops_per_token(model, T) == 6 * n + 12 * layers * d * T == 5_308_416
+    # decode: one forward multiply-add per weight, and QK^T and AV over the context
+    assert bench.decode_flops_per_token(model, T) == 2 * n + 4 * layers * d * T == 1_769_472
+    pooled = tiny_model(embedder="pooled", byte_width=16)
+    assert bench.decode_flops_per_token(pooled, 8) is None  # its core runs at chunk ends only
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(block_repeat=2, share_ffn=True, ffn="swiglu", n_kv_head=1),
@@ -89,6 +97,7 @@ class Sleep(nn.Module):
         return x
 
 
+@pytest.mark.exercise(5)
 @pytest.mark.parametrize("shape", [dict(), dict(share_ffn=True, block_repeat=3)])
 def test_time_split_attributes_a_known_time_to_the_ffn_and_leaves_the_model_as_it_was(shape, monkeypatch):
     # a fake clock that only the FFN advances: the attribution is then exact, whatever the machine's load
@@ -97,7 +106,7 @@ def test_time_split_attributes_a_known_time_to_the_ffn_and_leaves_the_model_as_i
     model = tiny_model(**shape)
     sleep = Sleep(clock)  # one module for every block: a shared FFN is hooked once and timed at every call
     for block in model.h:
-        block.mlp = sleep
+        block.ffn = sleep
     calls = TINY["n_layer"] * model.config.block_repeat
     prefill_ms = bench.time_prefill(model, 8, repeats=3, warmup=1)["median_ms"]
     split = bench.time_split(model, 8, prefill_ms, repeats=3, warmup=1)
@@ -106,15 +115,25 @@ def test_time_split_attributes_a_known_time_to_the_ffn_and_leaves_the_model_as_i
     assert ms["attention"] + ms["norm"] + ms["embedding"] + ms["head"] == 0  # nothing counted elsewhere
     assert prefill_ms == pytest.approx(1000 * SLEEP_S * calls) and split["ffn_share_removed"] == pytest.approx(1)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    assert all(block.mlp is sleep for block in model.h)  # every FFN back in place
+    assert all(block.ffn is sleep for block in model.h)  # every FFN back in place
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_generation_runs_the_work_it_claims(use_cache):
+def test_generation_runs_the_work_it_claims(use_cache, monkeypatch):
     model = tiny_model()
     block_size, n_tokens = TINY["block_size"], 20
     seen = []  # tokens each step runs through the model
-    model.h[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].size(1)))
+    plain_store = KVCache.store
+
+    def store(cache, slot, k, v):
+        # each step writes its tokens' keys into the first layer's cache (the Decoder calls no module)
+        if slot == 0:
+            seen.append(k.size(2))
+        return plain_store(cache, slot, k, v)
+    if use_cache:
+        monkeypatch.setattr(KVCache, "store", store)
+    else:
+        model.h[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].size(1)))
     bench.time_generation(model, n_tokens, use_cache)
     timed = seen[-n_tokens:]  # the timed run, after the warm-up
     if use_cache:  # one new token a step, but for the refill from half a window once the context is full
@@ -134,7 +153,7 @@ def test_merged_variant_computes_what_the_training_form_computes(ffn):
     assert bench.merged_variant(tiny_model()) is None  # a standard FFN has nothing to merge
     model = tiny_model(ffn=ffn).eval()
     merged = bench.merged_variant(model)
-    assert merged.config.ffn_merged and not model.config.ffn_merged  # merged a copy: the training form is kept
+    assert merged.config.ffn != model.config.ffn == ffn  # merged a copy: the training form is kept
     assert bench.merged_variant(merged) is None  # and a merged model is not merged again
     idx = torch.randint(0, model.config.vocab_size, (2, 8))
     reference = reparam.complete_anneal(model)  # the form rep_anneal merges from
@@ -158,6 +177,9 @@ def test_tiny_sweep_writes_markdown_and_the_documented_json(tmp_path, capsys):
     assert [p["seq_len"] for p in m["prefill"]] == [1, 8]
     assert "| - |" in text
     assert [d["context_len"] for d in m["decode"]] == [1, 16]
+    for d in m["decode"]:
+        assert d["mfu"] == pytest.approx(d["flops_per_token"] / (d["median_ms"] / 1000) / (env["matmul_peak_gflops"] * 1e9))
+    assert "MFU" in text.split("Decode latency")[1].split("Throughput")[0]
     assert all(entry["median_ms"] > 0 for entry in m["prefill"] + m["decode"])
     train = m["train"]
     assert {"tokens_per_s", "flops_per_token", "mfu", "median_ms"} <= set(train)
@@ -235,3 +257,92 @@ def test_training_step_learns_its_batch_and_time_train_step_keeps_the_model():
     step = bench.training_step(model.train(), train.TrainConfig(), 2, 8, torch.float32)
     losses = [step().item() for _ in range(6)]
     assert losses[-1] < losses[0] - 0.1
+
+
+# a sweep that takes about a second: one tiny model, one length, one call per measurement
+QUICK_SWEEP = ["--presets=cpu-tiny", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--seq_lens=4",
+               "--context_lens=4", "--repeats=1", "--warmup=0", "--train_repeats=1", "--train_batch=1",
+               "--gen_tokens=0", "--threads=1"]
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--repeats=0", "--repeats must be at least 1, got 0"),
+    ("--train_repeats=0", "--train_repeats must be at least 1, got 0"),
+    ("--train_batch=0", "--train_batch must be at least 1, got 0"),  # it used to time a step of nothing: zeros
+    ("--warmup=-1", "--warmup must be at least 0, got -1"),
+    ("--gen_tokens=-1", "--gen_tokens must be at least 0, got -1"),
+    ("--train_len=-1", "--train_len must be at least 0, got -1"),
+    ("--threads=-1", "--threads must be 0 (the idle cores) up to the"),
+    ("--ffn=relu2", "did you mean --ffns?"),  # the FFN is swept by --ffns, not set by a model key
+    ("--pos=rope", "unknown option --pos"),  # bench overrides the presets' shape only: a recipe is a preset's
+    ("--seq_lens=4,x", "--seq_lens expects a comma-separated list of int"),
+    ("--context_lens=0,4", "--context_lens values must be at least 1"),
+    ("--ffns=gelu,bogus", "--ffns: bogus is not one of gelu"),
+])
+def test_bad_options_are_refused_before_anything_is_measured(tmp_path, monkeypatch, arg, message):
+    monkeypatch.setattr(bench, "bench_model", lambda *args: pytest.fail("measured despite a bad option"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        bench.main([*QUICK_SWEEP, f"--out={tmp_path / 'bench.json'}", arg])
+
+
+def test_shape_overrides_with_checkpoints_alone_are_refused():
+    # a checkpoint is timed as trained: --n_layer would silently change nothing (refused before loading it)
+    with pytest.raises(UserError, match="--n_layer changes the presets' shape.*--presets"):
+        bench.main(["--ckpts=a.pt", "--n_layer=2"])
+
+
+def measured_model(ffn_share_removed):
+    """What bench_model returns for one model, at one length of each kind, with no generation."""
+    timing = {"median_ms": 2.0, "p10_ms": 1.0, "p90_ms": 3.0}
+    return {"name": "fake", "params": {"total": 1e6}, "flops_per_byte": None,
+            "prefill": [{"seq_len": 4, **timing, "without_ffn_ms": 2.0 * (1 - ffn_share_removed),
+                         "ffn_share_removed": ffn_share_removed, "module_ms": None}],
+            "decode": [{"context_len": 4, **timing, "flops_per_token": 1e6}], "generation": [],
+            "train": {**timing, "batch_size": 1, "seq_len": 4, "tokens_per_s": 2000.0, "flops_per_token": 1e6,
+                      "matmul_peak_flops": 1e10}}
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """main with the measurement replaced by measured_model(share): what it prints and writes, and nothing else."""
+    def measure(share):
+        monkeypatch.setattr(bench, "build_variants", lambda *args: [("fake", None, None)])
+        monkeypatch.setattr(bench, "bench_model", lambda *args: measured_model(share))
+    return measure
+
+
+def test_an_unwritable_out_prints_the_tables_then_one_line(tmp_path, capsys, measured):
+    measured(0.5)
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "bench.json"  # a folder that cannot be made, even by root
+    with pytest.raises(UserError, match=f"could not write {out}.*the tables above.*--out"):
+        bench.main(["--seq_lens=4", "--context_lens=4", "--threads=1", f"--out={out}"])
+    assert "| fake | 4 | 2.00 | - | - | - | - | - | - | 50% |" in capsys.readouterr().out  # the measurement is kept
+
+
+def test_a_negative_ffn_share_is_shown_as_noise(tmp_path, capsys, measured):
+    # under load the model without its FFNs can time slower than the whole model
+    measured(-0.25)
+    bench.main(["--seq_lens=4", "--context_lens=4", "--threads=1", f"--out={tmp_path / 'bench.json'}"])
+    assert "| fake | 4 | 2.00 | - | - | - | - | - | - | 0% (noise) |" in capsys.readouterr().out
+    # the JSON keeps what was measured
+    (m,) = json.loads((tmp_path / "bench.json").read_text())["models"]
+    assert m["prefill"][0]["ffn_share_removed"] == -0.25
+
+
+def test_flops_per_byte_counts_a_forward_pass_over_the_bytes_it_covers():
+    byte_model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=32)).eval()
+    per_byte = bench.flops_per_byte(byte_model)
+    # random bytes, one byte per token: a forward pass over the context, over its length; training 3x
+    assert per_byte["inference"] == reparam.forward_flops(byte_model, 32) / 32
+    assert per_byte["train"] == 3 * per_byte["inference"] and not per_byte["on_text"]
+    # a pooled model's core runs once per chunk: a text cut into more chunks costs more per byte
+    pooled = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, embedder="pooled",
+                           byte_width=16)).eval()
+    costs = []
+    for text in (b"a" * 32, b"a " * 16):  # 2 chunks (max_chunk_bytes 16) against 16
+        pooled.text = (torch.tensor([list(text)]), 32)
+        costs.append(bench.flops_per_byte(pooled))
+    assert costs[0]["on_text"] and costs[0]["inference"] < costs[1]["inference"]
+    # a token model with no text at hand: its bytes per token are unknown
+    assert bench.flops_per_byte(GPT(GPTConfig(block_size=8, vocab_size=1000, n_layer=1, n_head=2, n_embd=16))) is None

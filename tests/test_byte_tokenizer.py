@@ -1,7 +1,12 @@
-"""byte_tokenizer.py: chunk ends from the past only, the flat pooled model against a loop reference, exact
-probabilities, the KV cache, parameter counts, and a pooled model end to end."""
+"""
+byte_tokenizer.py: chunk ends from the past only, the flat pooled model against a loop reference, exact
+probabilities, the KV cache, parameter counts, and a pooled model end to end.
 
-import dataclasses
+Equivalences are checked in float64: the batched model and its references add the same terms in other
+orders (rows padded to another length sum in another order), which float64 keeps near 1e-15 of a logit;
+a prediction that saw a later byte, or a wrong chunk end, moves it by 1e-2 or more.
+"""
+
 import json
 import subprocess
 import sys
@@ -17,21 +22,24 @@ import tokenizer as tk
 import train
 from cli import UserError
 from data import prepare
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = bt.BOUNDARIES
-FOUND_RULES = ("space", "fixed")  # the rules the model finds from the bytes; gpt2's ends are markers in the data
+FOUND_BOUNDARIES = ("space", "fixed")  # found from the bytes; gpt2's ends are markers in the data
+F64_ATOL = 1e-9
 
 
-def small_model(boundary="space", block_size=24, window=6, max_chunk_bytes=5, fixed_chunk_bytes=3, dtype=torch.float32):
+# the pooled model without and with hashed n-grams
+INGREDIENTS = {"plain": dict(ngram_buckets=0), "ngram": dict(ngram_buckets=31)}
+INGREDIENT_PARAMS = [pytest.param(v, id=k) for k, v in INGREDIENTS.items()]
+
+
+def small_model(boundary="space", block_size=24, window=6, dtype=torch.float64, **ingredients):
     torch.manual_seed(0)
-    vocab_size = bt.MARKED_VOCAB if boundary == "gpt2" else tk.BYTE_VOCAB
+    vocab_size = tk.BYTES_GPT2_VOCAB if boundary == "gpt2" else tk.BYTE_VOCAB
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size,
-                       embedder="pooled", boundary=boundary,
-                       max_chunk_bytes=max_chunk_bytes, fixed_chunk_bytes=fixed_chunk_bytes, byte_width=16,
-                       byte_heads=2, byte_layers_in=1, byte_layers_out=2, byte_window=window, qk_norm=True,
-                       ffn="relu2")
+                       embedder="pooled", boundary=boundary, byte_width=16, byte_window=window, qk_norm=True,
+                       ffn="relu2", **ingredients)
     model = GPT(config).to(dtype).eval()
     with torch.no_grad():  # larger weights than the initialisation's, so every path moves the logits
         for p in model.parameters():
@@ -48,10 +56,10 @@ def spacey_bytes(rng, shape):
     return torch.from_numpy(np.where(pick < 0.35, spaces, np.where(pick < 0.9, letters, other)).astype(np.int64))
 
 
-def rule_ids(rng, shape, rule):
-    """Input for a model under `rule`: spacey bytes, and under gpt2 end markers in a fifth of the places."""
+def boundary_ids(rng, shape, boundary):
+    """Input for a model under `boundary`: spacey bytes, and under gpt2 end markers in a fifth of the places."""
     idx = spacey_bytes(rng, shape)
-    if rule == "gpt2":
+    if boundary == "gpt2":
         idx[torch.from_numpy(rng.random(shape) < 0.2)] = tk.GPT2_TOKEN_END
     return idx
 
@@ -59,31 +67,52 @@ def rule_ids(rng, shape, rule):
 # ----------------------------------------------------------------------------
 # chunk ends
 
-@pytest.mark.parametrize("rule", FOUND_RULES)
-def test_chunk_ends_are_the_segmenters_cuts_decided_from_the_past(rule):
+@pytest.mark.exercise(4)
+@pytest.mark.parametrize("boundary", FOUND_BOUNDARIES)
+def test_chunk_ends_follow_the_rule_as_a_loop_states_it_and_never_look_ahead(boundary):
     rng = np.random.default_rng(0)
     idx = spacey_bytes(rng, (20, 40))
     idx[0, :30] = ord("a")  # a long word: the space rule must cut it at max_chunk_bytes
-    ends = bt.chunk_ends(idx, rule, max_chunk_bytes=5, fixed_chunk_bytes=3)
-    segmenter = tk.Segmenter(rule, max_chunk_bytes=5, fixed_chunk_bytes=3)
+    ends = bt.chunk_ends(idx, boundary, max_chunk_bytes=5, fixed_chunk_bytes=3)
     for row, row_ends in zip(idx, ends):
-        cut_after = set((segmenter.offsets(bytes(row.tolist()))[1:-1] - 1).tolist())  # last byte of each chunk
-        expected = [t in cut_after for t in range(len(row) - 1)]  # the window's last byte ends it anyway
-        assert row_ends[:-1].tolist() == expected
+        assert row_ends.tolist() == loop_chunk_ends(row.tolist(), boundary, 5, 3)
     for t in range(1, 40):  # the rule never looks ahead: a prefix gets the same ends
-        assert torch.equal(bt.chunk_ends(idx[:, :t], rule, 5, 3), ends[:, :t])
+        assert torch.equal(bt.chunk_ends(idx[:, :t], boundary, 5, 3), ends[:, :t])
 
 
+@pytest.mark.exercise(4)
+def test_is_spacelike_over_every_byte():
+    every = torch.arange(256)
+    # not an ASCII letter or digit, and not a UTF-8 continuation byte (0b10xxxxxx)
+    expected = [not (chr(b).isascii() and chr(b).isalnum()) and not 0x80 <= b < 0xC0 for b in range(256)]
+    assert bt.is_spacelike(every).tolist() == expected
+    assert bt.is_spacelike(every.view(16, 16)).tolist() == torch.tensor(expected).view(16, 16).tolist()
+
+
+@pytest.mark.exercise(4)
+def test_chunk_ends_by_hand():
+    def last_bytes(text, boundary, **sizes):
+        return torch.nonzero(bt.chunk_ends(torch.tensor([list(text)]), boundary, **sizes)[0]).flatten().tolist()
+    # a chunk closes at a spacelike byte that follows a non-spacelike one: "Hi," " there " " you!" "\nok"
+    assert last_bytes(b"Hi, there  you!\nok", "space") == [2, 9, 14]
+    assert last_bytes(b"Hi, there  you!\nok", "fixed", fixed_chunk_bytes=4) == [3, 7, 11, 15]
+    assert last_bytes(b"a" * 20, "space", max_chunk_bytes=8) == [7, 15]  # cut, never truncated
+    # a UTF-8 lead byte is spacelike, its continuation bytes are not: "é x" ends at 0xC3 and at the space
+    assert last_bytes("é x".encode(), "space") == [0, 2]
+
+
+@pytest.mark.exercise(4)
 def test_gpt2_ends_are_markers_in_bytes_gpt2_data_at_gpt2s_cuts(gpt2):
-    text = "Hello there, naïve café 東京 🙂!\n  theirs".encode("utf-8") + b"\xff\xfe tail"  # invalid UTF-8 too
-    ids = tk.mark_gpt2_token_ends(text)
-    assert bytes(ids[ids != tk.GPT2_TOKEN_END].astype(np.uint8)) == text  # lossless
+    text = "Hello there, naïve café 東京 🙂!\n  theirs"
+    ids = tk.mark_gpt2_token_ends(text.encode("utf-8") + b"\xff\xfe tail")  # invalid UTF-8 too
+    assert bytes(ids[ids != tk.GPT2_TOKEN_END].astype(np.uint8)) == text.encode("utf-8") + b"\xff\xfe tail"
     table = tk.token_byte_table("bytes_gpt2")
-    assert b"".join(table[i] for i in ids) == text and table[tk.GPT2_TOKEN_END] == b""
-    assert ids[-1] == tk.GPT2_TOKEN_END and tk.encode("bytes_gpt2", "to be") == list(b"to") + [256] + list(b" be") + [256]
-    segmenter = tk.Segmenter("gpt2", max_chunk_bytes=len(text))  # GPT-2's own cuts, none split
+    assert table[tk.GPT2_TOKEN_END] == b"" and ids[-1] == tk.GPT2_TOKEN_END
     chunks = [bytes(c.astype(np.uint8)) for c in np.split(ids, np.flatnonzero(ids == tk.GPT2_TOKEN_END) + 1)[:-1]]
-    assert [c[:-1] for c in chunks] == segmenter.split(text)  # each chunk: a token's bytes, then its marker
+    tokens = [gpt2.decode_single_token_bytes(t) for t in gpt2.encode_ordinary(text)]
+    # each chunk is a GPT-2 token's bytes then its marker; each invalid byte is a chunk of its own
+    assert [c[:-1] for c in chunks] == tokens + [b"\xff", b"\xfe"] + [gpt2.decode_single_token_bytes(t)
+                                                                      for t in gpt2.encode_ordinary(" tail")]
     ends = bt.chunk_ends(torch.from_numpy(ids.astype(np.int64))[None], "gpt2")[0]
     assert torch.equal(ends, torch.from_numpy(ids == tk.GPT2_TOKEN_END))
 
@@ -91,9 +120,9 @@ def test_gpt2_ends_are_markers_in_bytes_gpt2_data_at_gpt2s_cuts(gpt2):
 def test_each_boundary_reads_its_own_data():
     with pytest.raises(UserError, match="--tokenization=bytes_gpt2"):
         GPTConfig(embedder="pooled", boundary="gpt2").validate()
-    GPTConfig(embedder="pooled", boundary="gpt2", vocab_size=bt.MARKED_VOCAB).validate()
+    GPTConfig(embedder="pooled", boundary="gpt2", vocab_size=tk.BYTES_GPT2_VOCAB).validate()
     with pytest.raises(UserError, match="bytes_gpt2 data pools with --boundary=gpt2"):
-        GPTConfig(embedder="pooled", boundary="space", vocab_size=bt.MARKED_VOCAB).validate()
+        GPTConfig(embedder="pooled", boundary="space", vocab_size=tk.BYTES_GPT2_VOCAB).validate()
     with pytest.raises(UserError, match="--boundary=words is not one of space, fixed, gpt2"):
         GPTConfig(embedder="pooled", boundary="words").validate()
     with pytest.raises(UserError, match="reads bytes"):
@@ -103,21 +132,22 @@ def test_each_boundary_reads_its_own_data():
 # ----------------------------------------------------------------------------
 # the model: causal, exact, and what a plain loop computes
 
-@pytest.mark.parametrize("rule", RULES)
-def test_no_byte_prediction_sees_a_later_byte(rule):
-    model = small_model(rule)
+@pytest.mark.parametrize("ingredients", INGREDIENT_PARAMS)
+@pytest.mark.parametrize("boundary", bt.BOUNDARIES)
+def test_no_byte_prediction_sees_a_later_byte(boundary, ingredients):
+    model = small_model(boundary, **ingredients)
     rng = np.random.default_rng(1)
-    idx = rule_ids(rng, (3, 24), rule)
-    an_end = tk.GPT2_TOKEN_END if rule == "gpt2" else ord(" ")
+    idx = boundary_ids(rng, (3, 24), boundary)
+    an_end = tk.GPT2_TOKEN_END if boundary == "gpt2" else ord(" ")
     with torch.no_grad():
         reference = model(idx)[0]
         for t in range(0, 23, 2):
             changed = idx.clone()
-            changed[:, t + 1:] = rule_ids(rng, (3, 23 - t), rule)  # byte t + 1 and everything after it
-            ended = bt.chunk_ends(idx, rule, 5, 3)[:, t + 1]
+            changed[:, t + 1:] = boundary_ids(rng, (3, 23 - t), boundary)  # byte t + 1 and everything after it
+            ended = bt.chunk_ends(idx, boundary, 5, 3)[:, t + 1]
             changed[:, t + 1] = torch.where(ended, ord("x"), an_end)  # a chunk end moves (not under fixed)
             logits = model(changed)[0]
-            torch.testing.assert_close(logits[:, :t + 1], reference[:, :t + 1], rtol=0, atol=1e-6)
+            torch.testing.assert_close(logits[:, :t + 1], reference[:, :t + 1], rtol=0, atol=F64_ATOL)
             assert not torch.allclose(logits[:, t + 1:], reference[:, t + 1:])  # the test can see a change
 
 
@@ -125,7 +155,7 @@ def test_no_byte_prediction_sees_a_later_byte(rule):
 def test_probabilities_of_every_two_byte_continuation_sum_to_one(first):
     # chain rule over all 256^2 strings after one byte, in float64: with "a" first, a spacelike second byte
     # ends a chunk and the core's output reaches the third; with " " first, the core runs at byte 0
-    model = small_model("space", dtype=torch.float64)
+    model = small_model("space")
     pairs = torch.cartesian_prod(torch.arange(256), torch.arange(256))
     idx = torch.cat([torch.full((len(pairs), 1), first[0]), pairs], dim=1)
     with torch.no_grad():
@@ -135,14 +165,14 @@ def test_probabilities_of_every_two_byte_continuation_sum_to_one(first):
     assert bt.chunk_ends(idx[:, :-1], "space").any()  # the core ran inside these probabilities
 
 
-def loop_chunk_ends(row, rule, max_chunk_bytes, fixed_chunk_bytes):
+def loop_chunk_ends(row, boundary, max_chunk_bytes=bt.MAX_CHUNK_BYTES, fixed_chunk_bytes=bt.FIXED_CHUNK_BYTES):
     """The rule as a person states it, one byte at a time, with a counter."""
     ends, length = [], 0
     for t, byte in enumerate(row):
         length += 1
-        if rule == "gpt2":
+        if boundary == "gpt2":
             end = byte == tk.GPT2_TOKEN_END
-        elif rule == "fixed":
+        elif boundary == "fixed":
             end = (t + 1) % fixed_chunk_bytes == 0
         else:
             spacelike = not (chr(byte).isascii() and chr(byte).isalnum()) and not 0x80 <= byte < 0xC0
@@ -170,34 +200,116 @@ def loop_block(block, x, window):
     return x + block.proj(F.relu(block.fc(block.ln_2(x))) ** 2)
 
 
+def loop_ngrams(ngram, row):
+    """The hashed n-gram rows of each byte of one row, hashing the n bytes ending there one by one."""
+    out = torch.zeros(len(row), ngram.tables[0].weight.size(1), dtype=ngram.tables[0].weight.dtype)
+    for t in range(len(row)):
+        for n, table in zip((2, 3, 4), ngram.tables):
+            if t >= n - 1:  # the whole n-gram is in the window
+                code = sum(row[t - i] * 257 ** i for i in range(n))
+                out[t] += table.weight[code % ngram.buckets]
+    return out
+def window_by_hand(T, start, window):
+    """The mask of T new bytes at positions start .. start + T - 1 over every key so far, from its definition."""
+    return torch.tensor([[j <= start + i and start + i - j < window for j in range(start + T)] for i in range(T)])
+
+
+@pytest.mark.exercise(11)
+@pytest.mark.parametrize("T, start, window", [(6, 0, 3), (1, 9, 4), (4, 5, 1), (5, 2, 64)])
+def test_window_mask_is_its_definition(T, start, window):
+    mask = bt.window_mask(T, start, window, "cpu")
+    assert mask.dtype == torch.bool and torch.equal(mask, window_by_hand(T, start, window))
+
+
+@pytest.mark.exercise(11)
+def test_byte_block_equals_a_loop_and_continues_from_its_cache():
+    torch.manual_seed(0)
+    block, window = bt.ByteBlock(16, 2).double(), 4
+    with torch.no_grad():  # away from the initialisation, so that every path moves the output
+        for p in block.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        x = torch.randn(2, 12, 16, dtype=torch.float64)
+        full = block(x, window_by_hand(12, 0, window))
+        for b in range(2):
+            torch.testing.assert_close(full[b], loop_block(block, x[b], window), rtol=0, atol=F64_ATOL)
+        # in pieces, each call's keys and values appended to the cache's: [k, v], each (B, heads, bytes, head size)
+        cache, pieces = [], []
+        for a, b in [(0, 5), (5, 6), (6, 12)]:
+            pieces.append(block(x[:, a:b], window_by_hand(b - a, a, window), cache))
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=F64_ATOL)
+    assert len(cache) == 2 and cache[0].shape == cache[1].shape == (2, 2, 12, 8)
+
+
+@pytest.mark.exercise(12)
+def test_run_core_runs_the_core_on_each_rows_chunk_means_like_a_loop():
+    pooled = small_model().pooled
+    x = torch.randn(3, 10, 16, dtype=torch.float64)
+    ends = torch.zeros(3, 10, dtype=torch.bool)
+    ends[0, [2, 5, 9]] = True
+    ends[1, 0] = True  # row 2 has none: rows differ in how many slots they use
+    given = []
+
+    def core(v, cache):  # causal over the slots (a running mean) and nonlinear, like a real core
+        given.append(cache)
+        return torch.tanh(v.cumsum(dim=1) / torch.arange(1, v.size(1) + 1, dtype=v.dtype)[:, None])
+
+    with torch.no_grad():
+        out = pooled.run_core(x, ends, 0, core)
+        assert out.shape == (3, 3, 16) and given == [None]
+        for b in range(3):
+            at = torch.nonzero(ends[b]).flatten().tolist()
+            if at:  # each chunk's mean byte state, the row's chunks alone through the core
+                starts = [0] + [t + 1 for t in at[:-1]]
+                means = torch.stack([x[b, a:t + 1].mean(0) for a, t in zip(starts, at)])
+                expected = pooled.down(core(pooled.up(means)[None], None)[0])
+                # float64: the batched and the per-row core add the same terms, about 1e-16 apart
+                torch.testing.assert_close(out[b, :len(at)], expected, rtol=0, atol=1e-12)
+
+    def no_core(v, cache):
+        raise AssertionError("the core ran with no chunk end in any row")
+
+    assert pooled.run_core(x, torch.zeros_like(ends), 0, no_core).shape == (3, 0, 16)
+
+
 def loop_reference_logits(model, row):
-    """One row's logits: each layer by loops, the core run on this row's chunk ends alone (no padding)."""
-    pooled, config = model.wte, model.config
+    """
+    One row's logits: each layer by loops, the core run on this row's chunks alone (no padding),
+    each chunk's input the mean of its bytes' states, and each byte given the output of the last
+    chunk ended at or before it.
+    """
+    pooled, config = model.pooled, model.config
     x = pooled.byte_embedding(row) + pooled.position(torch.arange(len(row)))
+    if config.ngram_buckets:
+        x = x + loop_ngrams(pooled.ngram, row.tolist())
     for block in pooled.layers_in:
         x = loop_block(block, x, config.byte_window)
-    ends = [t for t, end in enumerate(loop_chunk_ends(row.tolist(), config.boundary, config.max_chunk_bytes,
-                                                        config.fixed_chunk_bytes)) if end]
+    ends = [t for t, end in enumerate(loop_chunk_ends(row.tolist(), config.boundary)) if end]
     if ends:
-        core_out = model.core(pooled.up(x[ends])[None])[0]
+        starts = [0] + [t + 1 for t in ends[:-1]]
+        inputs = [x[a:t + 1].mean(0) for a, t in zip(starts, ends)]
+        core_out = model.core(pooled.up(torch.stack(inputs))[None])[0]
         x = x.clone()
-        for s, t in enumerate(ends):
-            x[t] = x[t] + pooled.down(core_out[s])
+        for t in range(len(row)):
+            chunk = sum(1 for e in ends if e <= t) - 1  # the last chunk ended at or before t
+            if chunk >= 0:
+                x[t] = x[t] + pooled.down(core_out[chunk])
     for block in pooled.layers_out:
         x = loop_block(block, x, config.byte_window)
     return model.lm_head(pooled.ln(x))
 
 
-@pytest.mark.parametrize("rule", RULES)
-def test_flat_batched_model_equals_a_loop_reference(rule):
-    model = small_model(rule)
+@pytest.mark.exercise(11, 12)
+@pytest.mark.parametrize("ingredients", INGREDIENT_PARAMS)
+@pytest.mark.parametrize("boundary", bt.BOUNDARIES)
+def test_flat_batched_model_equals_a_loop_reference(boundary, ingredients):
+    model = small_model(boundary, **ingredients)
     rng = np.random.default_rng(2)
-    idx = rule_ids(rng, (3, 24), rule)
-    idx[1, :20] = ord("q")  # rows with different numbers of chunk ends: the batched core pads
+    idx = boundary_ids(rng, (3, 24), boundary)
+    idx[1, :20] = ord("q")  # rows with different numbers of chunk ends (the batched core pads), and a long word
     with torch.no_grad():
         logits = model(idx)[0]
         for b in range(3):
-            torch.testing.assert_close(logits[b], loop_reference_logits(model, idx[b]), rtol=0, atol=1e-5)
+            torch.testing.assert_close(logits[b], loop_reference_logits(model, idx[b]), rtol=0, atol=F64_ATOL)
 
 
 def test_loss_is_next_byte_cross_entropy_in_nats_per_byte():
@@ -207,33 +319,37 @@ def test_loss_is_next_byte_cross_entropy_in_nats_per_byte():
         logits, loss = model(idx[:, :-1], idx[:, 1:])
         _, total = model(idx[:, :-1], idx[:, 1:], reduction="sum")
     expected = -logits.log_softmax(-1).gather(-1, idx[:, 1:, None]).mean()
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    assert total.item() == pytest.approx(48 * expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), abs=F64_ATOL)
+    assert total.item() == pytest.approx(48 * expected.item(), abs=48 * F64_ATOL)
 
 
 # ----------------------------------------------------------------------------
 # generation
 
-@pytest.mark.parametrize("rule", RULES)
-def test_cached_byte_states_equal_a_full_recompute(rule):
-    model = small_model(rule)
-    idx = rule_ids(np.random.default_rng(4), (1, 24), rule)
+@pytest.mark.exercise(11, 12)
+@pytest.mark.parametrize("ingredients", INGREDIENT_PARAMS)
+@pytest.mark.parametrize("boundary", bt.BOUNDARIES)
+def test_cached_byte_states_equal_a_full_recompute(boundary, ingredients):
+    model = small_model(boundary, **ingredients)
+    idx = boundary_ids(np.random.default_rng(4), (1, 24), boundary)
     with torch.no_grad():
         full = model.hidden_states(idx)
-        cache = model.new_cache(1, "cpu", torch.float32)
+        cache = model.new_cache(1, "cpu", torch.float64)
         pieces = [model.hidden_states(idx[:, a:b], cache) for a, b in ((0, 7), (7, 8), (8, 15), *(
             (t, t + 1) for t in range(15, 24)))]
-        torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=F64_ATOL)
         assert cache.length == 24
         cache.length = 10  # rewound: the bytes after the tenth are forgotten, and so are the chunks they ended
-        assert cache.core.length == int(bt.chunk_ends(idx[:, :10], rule, 5, 3).sum())
-        torch.testing.assert_close(model.hidden_states(idx[:, 10:13], cache), full[:, 10:13], rtol=0, atol=1e-5)
+        assert cache.core.length == int(bt.chunk_ends(idx[:, :10], boundary).sum())
+        rewound = model.hidden_states(idx[:, 10:13], cache)
+        torch.testing.assert_close(rewound, full[:, 10:13], rtol=0, atol=F64_ATOL)
         cache.length = 0  # a refill starts over
-        torch.testing.assert_close(model.hidden_states(idx[:, :5], cache), full[:, :5], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.hidden_states(idx[:, :5], cache), full[:, :5], rtol=0, atol=F64_ATOL)
 
 
-def test_generation_with_the_cache_equals_full_recompute():
-    model = small_model(block_size=48)
+@pytest.mark.parametrize("ingredients", INGREDIENT_PARAMS)
+def test_generation_with_the_cache_equals_full_recompute(ingredients):
+    model = small_model(block_size=48, **ingredients)
     prompt = torch.tensor([list(b"Hello there, ")])
     for sampling in (dict(temperature=0), dict(top_k=50)):
         runs = [torch.cat(list(model.generate_stream(prompt, 30, use_cache=use_cache,
@@ -247,26 +363,21 @@ def test_generation_with_the_cache_equals_full_recompute():
     assert len(list(model.generate_stream(prompt.expand(2, -1), 3, use_cache=False))) == 3
 
 
-def test_checkpoints_of_the_earlier_design_load_or_are_refused_in_one_line(tmp_path):
-    for embedder in ("tokens", "pooled"):
-        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
-        old_keys = {"embedder": embedder, "encoder_layers": 1, "decoder_layers": 2, "pooling": "mean"}
-        save_checkpoint({"model": model.state_dict(), "model_config": {**dataclasses.asdict(model.config), **old_keys}},
-                        tmp_path / f"{embedder}.pt")
-    assert model_from_checkpoint(load_checkpoint(tmp_path / "tokens.pt")).config == model.config
-    with pytest.raises(UserError, match="earlier design"):
-        load_checkpoint(tmp_path / "pooled.pt")
-
-
 # ----------------------------------------------------------------------------
 # size
 
+@pytest.mark.exercise(3)
 @pytest.mark.parametrize("n_embd", [128, 256, 512])
-def test_everything_around_the_core_is_under_a_tenth_of_a_tied_gpt2_embedding(n_embd):
-    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=n_embd, block_size=512, embedder="pooled"))
+def test_everything_around_the_core_is_a_small_part_of_a_tied_gpt2_embedding(n_embd):
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=n_embd, block_size=512, embedder="pooled", ngram_buckets=0))
     around = model.num_params()["embedding"]
     assert around <= 0.10 * tk.GPT2_VOCAB * n_embd
-    assert around == bt.pooled_parameters(n_embd, 512) + model.wpe.weight.numel()  # the head is the tied embedding
+    # the default hashed n-grams add three tables of byte width: still a fifth of GPT-2's at most
+    with_ngrams = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=n_embd, block_size=512, embedder="pooled"))
+    ngram_params = 3 * bt.POOLED_NGRAM_BUCKETS * with_ngrams.config.byte_width
+    assert with_ngrams.num_params()["embedding"] == around + ngram_params <= 0.2 * tk.GPT2_VOCAB * n_embd
+    # the pooled byte layers and the core's positions; the head is the tied byte embedding
+    assert around == sum(p.numel() for p in model.pooled.parameters()) + model.wpe.weight.numel()
 
 
 # ----------------------------------------------------------------------------
@@ -305,7 +416,7 @@ def test_prepare_train_sample_pooled_by_gpt2_tokens(tmp_path, gpt2):
     folder = prepare.prepare(prepare.PrepareConfig(input=str(tmp_path / "tiny.txt"), data_dir=str(tmp_path),
                                                    tokenization="bytes_gpt2"))
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["vocab_size"] == bt.MARKED_VOCAB and meta["train_bytes"] + meta["val_bytes"] == len(text.encode())
+    assert meta["vocab_size"] == tk.BYTES_GPT2_VOCAB and meta["train_bytes"] + meta["val_bytes"] == len(text.encode())
     out = tmp_path / "out"
     train.main([f"--dataset={folder}", f"--out_dir={out}", *TINY, "--boundary=gpt2", "--max_iters=40"])
     # bits per byte counts the markers' nats and none of their (zero) bytes: by hand on two windows
@@ -325,10 +436,7 @@ def test_prepare_train_sample_pooled_by_gpt2_tokens(tmp_path, gpt2):
     assert result.stdout.startswith("the cat") and "\x00" not in result.stdout  # markers print as nothing
 
 
-def test_pooled_data_and_gpt2_boundaries_on_bytes_are_one_line_errors(tmp_path):
-    bad = subprocess.run([sys.executable, "data/prepare.py", "--tokenization=pooled"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "--embedder=pooled" in bad.stderr
+def test_gpt2_boundaries_on_bytes_are_a_one_line_error(tmp_path):
     (tmp_path / "tiny.txt").write_text("to be or not to be " * 100)
     folder = prepare.prepare(prepare.PrepareConfig(input=str(tmp_path / "tiny.txt"), data_dir=str(tmp_path)))
     with pytest.raises(UserError, match="--tokenization=bytes_gpt2"):
@@ -343,10 +451,18 @@ def test_a_pooled_model_on_bpe_data_is_a_one_line_error(tmp_path, gpt2):
         train.main([f"--dataset={bpe}", f"--out_dir={tmp_path / 'out'}", *TINY])
 
 
-def test_cli_prints_chunks_and_parameter_counts():
+def test_cli_prints_each_rules_chunks_and_the_parameter_count():
     result = subprocess.run([sys.executable, "byte_tokenizer.py", "to be or not", "--n_embd=256"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for name in tk.SEGMENTERS:
-        assert f"{name}: " in result.stdout
-    assert "tied GPT-2 embedding (50,257 x 256)" in result.stdout
+    assert "space: 4 chunks, 3.00 bytes each (found from the past): to  | be  | or  | not" in result.stdout
+    assert "fixed: 3 chunks, 4.00 bytes each (found from the past): to b | e or |  not" in result.stdout
+    try:  # GPT-2's cuts when its files are here (the child inherits TIKTOKEN_CACHE_DIR), else says so
+        tk.gpt2_encoding()
+        gpt2_line = "gpt2: 4 chunks, 3.00 bytes each (looks ahead: read from bytes_gpt2 data's markers)"
+        assert f"{gpt2_line}: to |  be |  or |  not" in result.stdout
+    except UserError:
+        assert "gpt2: unavailable (could not load tiktoken's gpt2 encoding" in result.stdout
+    around = GPT(GPTConfig(n_embd=256, n_head=4, block_size=256, embedder="pooled")).pooled
+    count = sum(p.numel() for p in around.parameters())
+    assert f"core of width 256: {count:,} parameters; a tied GPT-2 embedding (50,257 x 256)" in result.stdout

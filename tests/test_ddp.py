@@ -19,7 +19,7 @@ TORCHRUN_TIMEOUT_S = 180  # a hung rendezvous fails the test instead of the whol
 # the same global batch either way: 2 micro-batches of 4 per step, split over however many processes
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--grad_accum=2",
         "--eval_interval=10", "--eval_tokens=512", "--log_interval=5", "--warmup_iters=5", "--threads=1",
-        "--max_iters=20", "--lr_decay_iters=30", "--dropout=0.1"]
+        "--max_iters=20", "--dropout=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_only_the_main_process_logs_and_writes(runs):
     steps = [(r["step"], "val_bpb" in r) for r in metrics(out / "two")]
     assert len(steps) == len(set(steps))  # a second writer would duplicate every line
     assert two.stdout.count("done in") == 1 and two.stdout.count("step 20: val loss") == 1
-    assert sorted(p.name for p in (out / "two").iterdir()) == ["ckpt.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in (out / "two").iterdir()) == ["ckpt.pt", "metrics.jsonl", train.LOCK_NAME]
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs, dataset):

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,13 @@ import pytest
 import torch
 
 import distill
+import optim
 import train
-from cli import UserError
+from cli import EXIT_USAGE, UserError, run
 from data import prepare
 from conftest import TINY_TRAIN_ARGS as TINY
 from model import GPT, load_checkpoint
-from teacher import fingerprint_module
+from distill import fingerprint_module
 from tokenizer import load_hf_tokenizer, token_byte_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +60,7 @@ TEACHER_LOGITS = [2.0, 0.5, -1.0, 1.5, 0.0]
 STUDENT_LOGITS = [0.3, 1.2, -0.4, 0.8, -2.0]
 
 
+@pytest.mark.exercise(10)
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("k", [2, 5])
@@ -75,6 +78,7 @@ def test_kd_loss_matches_a_hand_computation(kind, temperature, k):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.exercise(10)
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
 def test_full_vocabulary_kd_equals_torch_kl_and_top_k_is_a_lower_bound(kind):
     teacher_logits, student_logits = torch.randn(3, 4, 11), torch.randn(3, 4, 11, requires_grad=True)
@@ -92,6 +96,7 @@ def test_full_vocabulary_kd_equals_torch_kl_and_top_k_is_a_lower_bound(kind):
         assert -1e-6 <= top_k.item() <= full.item() + 1e-6
 
 
+@pytest.mark.exercise(10)
 def test_kd_gradient_is_zero_when_student_equals_teacher():
     logits = torch.randn(2, 3, 7)
     student = logits.clone().requires_grad_(True)
@@ -156,8 +161,8 @@ def test_cache_holds_the_teachers_predictions_and_refuses_a_mismatch(dataset, te
                              (distill.DistillConfig(top_k=8, temperature=2.0), "top_k")]:
         with pytest.raises(UserError, match=message):
             distill.open_cache(cache_dir, distill.cache_description(teacher, data.train, changed, 16))
-    with pytest.raises(UserError, match="different data"):
-        distill.open_cache(cache_dir, distill.cache_description(teacher, data.val, config, 16))
+    with pytest.raises(UserError, match="different data"):  # as many tokens, other ones
+        distill.open_cache(cache_dir, distill.cache_description(teacher, data.train[::-1].copy(), config, 16))
     with torch.no_grad():
         next(teacher.module.parameters()).add_(1.0)
     teacher.fingerprint = fingerprint_module(teacher.module)
@@ -174,8 +179,8 @@ def test_a_student_refuses_a_cache_from_another_teacher_or_other_data(dataset, t
                 "--max_iters=2", "--seed=7"])
     other = tmp_path / "other" / "ckpt.pt"
     for teacher, tokens, message in [(other, 600, re.escape(f"built from a different teacher ({teacher_ckpt}, weights ")),
-                                     (teacher_ckpt, 500, "built over different data \\(sha256 [0-9a-f]{12}\\.\\.\\. of its 600 tokens; "
-                                                         "this run's 500 ")]:
+                                     (teacher_ckpt, 500, "built over 600 training tokens, and this run's --cache_tokens "
+                                                         "covers 500")]:
         with pytest.raises(UserError, match=message) as refused:
             distill.main(["--dataset=" + dataset, "--teacher=" + str(teacher), "--out_dir=" + str(tmp_path / "student"),
                           *TINY, "--max_iters=1", cache, f"--cache_tokens={tokens}"])
@@ -195,32 +200,32 @@ def test_alpha_zero_is_exactly_train_py(dataset, teacher_ckpt, tmp_path):
 
 
 def test_teacher_stays_frozen_through_a_step(dataset, teacher_ckpt):
+    """The teacher's targets carry no gradient, and a student's step and an evaluation leave it as it was."""
     config, model_config, _ = train.configure(["--dataset=" + dataset, *TINY])
     data = train.load_dataset(dataset, 16)
     model_config.vocab_size = data.meta["vocab_size"]
     student = GPT(model_config)
     teacher = distill.load_teacher(teacher_ckpt, data, "cpu")
     before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
-    kd_config = distill.DistillConfig(alpha=0.7, hidden_weight=1.0, online=True)
-    projection = torch.nn.Linear(32, teacher.n_embd, bias=False)
-    optimizer = train.make_optimizer(torch.nn.ModuleList([student, projection]), config, "cpu")
-    teacher_ids = {id(p) for p in teacher.module.parameters()}
-    assert not any(id(p) in teacher_ids for group in optimizer.param_groups for p in group["params"])
-    x, y = distill.online_batch_fn(data.train, 4, 16, torch.Generator().manual_seed(0), "cpu")
-    loss, parts = distill.make_loss_fn(kd_config, teacher, projection)(student, x, y)
+    optimizer = optim.make_optimizer(student, config, "cpu")
+    x, y = train.get_batch(data.train, 4, 16, torch.Generator().manual_seed(0), "cpu")
+    logits, _ = teacher(x)
+    assert not logits.requires_grad
+    targets = distill.DistillTargets(y, distill.top_k_targets(logits, 8, 1.0))
+    loss, parts = distill.make_loss_fn(distill.DistillConfig(alpha=0.7))(student, x, targets)
     loss.backward()
     optimizer.step()
-    assert set(parts) == {"ce", "kd", "hidden"}
-    assert loss.item() == pytest.approx(0.3 * parts["ce"].item() + 0.7 * parts["kd"].item() + parts["hidden"].item(), rel=1e-5)
-    assert not teacher.module.training and projection.weight.grad is not None
+    assert set(parts) == {"ce", "kd"}
+    assert loss.item() == pytest.approx(0.3 * parts["ce"].item() + 0.7 * parts["kd"].item(), rel=1e-5)
+    distill.report_teacher_bpb(teacher, data, 16, 64)
+    assert not teacher.module.training
     for name, tensor in teacher.module.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     assert all(p.grad is None and not p.requires_grad for p in teacher.module.parameters())
 
 
-@pytest.mark.parametrize("mode", [["--kd_loss=forward"], ["--kd_loss=reverse", "--temperature=2"],
-                                  ["--online", "--hidden_weight=0.5"], ["--embedder=pooled"],
-                                  ["--embedder=pooled", "--online", "--hidden_weight=0.5"]])
+@pytest.mark.parametrize("mode", [["--kd_loss=forward"], ["--kd_loss=reverse", "--temperature=2"], ["--embedder=pooled"]],
+                         ids=["forward", "reverse", "pooled"])
 def test_distillation_runs_and_logs_its_parts(dataset, teacher_ckpt, tmp_path, mode):
     checkpoint = run_distill(dataset, teacher_ckpt, tmp_path, "--max_iters=20", "--top_k=8", *mode)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -228,17 +233,53 @@ def test_distillation_runs_and_logs_its_parts(dataset, teacher_ckpt, tmp_path, m
     assert all(r["ce"] > 0 and r["kd"] >= 0 for r in steps)
     assert steps[-1]["kd"] < steps[0]["kd"]  # the student moves towards the teacher
     assert records[-1]["val_bpb"] < 8.0 and checkpoint["step"] == 20
-    if "--online" not in mode:
-        assert json.loads((tmp_path / "teacher_cache" / "meta.json").read_text())["top_k"] == 8
+    assert json.loads((tmp_path / "teacher_cache" / "meta.json").read_text())["top_k"] == 8
 
 
-def test_bad_settings_are_one_line_errors(dataset, teacher_ckpt, tmp_path):
-    for args, message in [(["--kd_loss=sideways"], "forward, reverse"), (["--hidden_weight=1"], "add --online"),
-                          (["--alpha=1.5"], "alpha"),
-                          (["--online", "--cache_tokens=100"], "drop one of them"), (["--teacher=" + str(tmp_path / "none.pt")], "train one first")]:
-        with pytest.raises(UserError, match=message):
-            distill.main(["--dataset=" + dataset, "--teacher=" + str(teacher_ckpt), "--out_dir=" + str(tmp_path),
-                          *TINY, "--max_iters=1", *args])
+def one_line_error(capsys, argv):
+    """distill.py's command line on argv: its one-line message, checking exit status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run(lambda: distill.main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == EXIT_USAGE and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# the tiny teacher and student (TINY, TEACHER_SHAPE) read windows of 16 tokens
+BAD_SETTINGS = [
+    (["--kd_loss=sideways"], "--kd_loss=sideways is not one of forward, reverse"),
+    (["--alpha=1.5"], "--alpha must be in [0, 1], got 1.5"),
+    (["--alpha=nan"], "--alpha must be in [0, 1], got nan"),
+    (["--temperature=0"], "--temperature must be a positive number, got 0.0"),
+    (["--temperature=nan"], "--temperature must be a positive number, got nan"),
+    (["--temperature=inf"], "--temperature must be a positive number, got inf"),
+    (["--top_k=0"], "--top_k must be at least 1, got 0"),
+    (["--teacher_context=-1"], "--teacher_context must be 0 or more, got -1"),
+    (["--cache_stride=-1"], "--cache_stride must be 0 or more, got -1"),
+    (["--cache_stride=17"], "--cache_stride=17 is longer than the teacher's windows (16 tokens)"),
+    (["--cache_tokens=-5"], "--cache_tokens must be 0 or more, got -5"),
+    (["--cache_tokens=100000000"], "--cache_tokens must be between 0 (all) and the"),
+    (["--cache_tokens=10"], "--cache_tokens=10 covers less than one window of the student's 16 + 1 tokens"),
+    (["--cache_tokens=10", "--alpha=0"], "--cache_tokens=10 covers less than one window"),
+    (["--alpha=0", "--cache_only"], "--cache_only needs the teacher, and --alpha=0 trains without one"),
+    (["--alpha=0", "--teacher_bpb"], "--teacher_bpb needs the teacher, and --alpha=0 trains without one"),
+    (["--teacher_context=64"], "longer than it reads (16): pass --teacher_context=16 or less"),
+    (["--teacher=none.pt"], "no teacher at none.pt: train one first"),
+    (["--cache_dir=a_file/cache"], "cannot write the teacher cache to a_file/cache"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
+def test_bad_settings_are_one_line_errors(dataset, teacher_ckpt, tmp_path, capsys, args, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    line = one_line_error(capsys, ["--dataset=" + dataset, "--teacher=" + str(teacher_ckpt),
+                                   "--out_dir=" + str(tmp_path / "student"), *TINY, "--max_iters=1", *args])
+    assert message in line
+    assert not (tmp_path / "student" / "ckpt.pt").exists()  # refused before training
+
+
+def test_a_misspelt_key_is_named_with_its_closest_match():
     result = subprocess.run([sys.executable, "distill.py", "--temprature=2"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip() == "error: unknown option --temprature: did you mean --temperature?"
 
@@ -273,10 +314,9 @@ def test_hf_tokenization_round_trips_bytes(hf_teacher, corpus_text):
     assert sum(len(table[i]) for i in ids) == meta["train_bytes"]  # bits per byte divides by the true byte count
 
 
-@pytest.mark.parametrize("mode", [[], ["--online", "--hidden_weight=0.1"]])
-def test_hf_teacher_distills(hf_teacher, tmp_path, mode):
+def test_hf_teacher_distills(hf_teacher, tmp_path):
     folder, data = hf_teacher
-    checkpoint = run_distill(data, folder, tmp_path, "--max_iters=10", "--top_k=8", *mode)
+    checkpoint = run_distill(data, folder, tmp_path, "--max_iters=10", "--top_k=8")
     assert checkpoint["step"] == 10 and checkpoint["model_config"]["vocab_size"] == json.loads(
         (Path(data) / "meta.json").read_text())["vocab_size"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -291,6 +331,30 @@ def test_teacher_of_another_tokenization_is_refused(hf_teacher, teacher_ckpt, da
         run_distill(dataset, folder, tmp_path, "--max_iters=1")  # a Hugging Face teacher on bytes
 
 
+def test_data_of_another_hf_tokenizer_is_refused_and_a_copy_of_the_teachers_accepted(hf_teacher, corpus_text,
+                                                                                       tmp_path):
+    """Token ids the teacher reads as other bytes would train silently wrong: the byte tables must agree."""
+    folder, _ = hf_teacher  # skipped, saying why, without transformers or tokenizers
+    transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    bpe = tokenizers.ByteLevelBPETokenizer()  # other merges, and fewer tokens than the teacher's 300
+    bpe.train_from_iterator([corpus_text.decode()[::-1]], vocab_size=280, min_frequency=2,
+                            special_tokens=["<|endoftext|>"])
+    other = tmp_path / "other"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(other)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    for tokenizer_dir in (other, copy):
+        data = prepare.prepare(prepare.PrepareConfig(input=str(folder / "tokenizer.json"), tokenization="hf",
+                                                     tokenizer_dir=str(tokenizer_dir), data_dir=str(tokenizer_dir)))
+        tokenized = train.load_dataset(str(data), 16)
+        if tokenizer_dir is other:
+            with pytest.raises(UserError, match=f"tokenized by {re.escape(str(other.resolve()))}, whose token ids "
+                                                "are not the teacher's: python data/prepare.py --tokenization=hf"):
+                distill.load_teacher(folder, tokenized, "cpu")
+        else:
+            assert distill.load_teacher(folder, tokenized, "cpu").vocab_size == tokenized.meta["vocab_size"]
+
+
 # ----------------------------------------------------------------------------
 # a bytes student from the BPE teacher, and what is refused
 
@@ -302,6 +366,7 @@ def hf_corpus_as_bytes(hf_teacher):
     return str(prepare.prepare(prepare.PrepareConfig(input=str(folder / "tokenizer.json"), data_dir=str(out))))
 
 
+@pytest.mark.exercise(10)
 def test_empty_slots_count_as_no_outcome_on_both_sides():
     """Byte targets list fewer bytes than k: the loss is the KL over the listed bytes and the tail alone."""
     student_logits = torch.tensor([[[0.3, 1.2, -0.4, 0.8, -2.0]]])
@@ -320,8 +385,23 @@ def test_an_interrupted_cache_build_continues_where_it_stopped(dataset, teacher_
     teacher = distill.load_teacher(teacher_ckpt, data, "cpu")
     config = distill.DistillConfig(top_k=4)
     reference = distill.build_cache(teacher, data.train, config, 16, tmp_path / "whole", "cpu")
+    undo = interrupt_the_third_batch(monkeypatch, type(teacher))
+    with pytest.raises(KeyboardInterrupt):
+        distill.build_cache(teacher, data.train, config, 16, tmp_path / "cut", "cpu")
+    assert json.loads((tmp_path / "cut" / distill.CACHE_PROGRESS).read_text())["windows_done"] == 8
+    undo()
+    capsys.readouterr()
+    resumed = distill.build_cache(teacher, data.train, config, 16, tmp_path / "cut", "cpu")
+    assert "continuing an interrupted build at window 8" in capsys.readouterr().out
+    assert resumed["data"] == reference["data"] and not (tmp_path / "cut" / distill.CACHE_PROGRESS).exists()
+    for name in distill.CACHE_ARRAYS:
+        assert np.array_equal(np.load(tmp_path / "cut" / f"{name}.npy"), np.load(tmp_path / "whole" / f"{name}.npy"))
+
+
+def interrupt_the_third_batch(monkeypatch, teacher_class):
+    """Cache builds in batches of 4 windows, the teacher raising Ctrl-C on its third batch; returns the undo."""
     monkeypatch.setattr(distill, "CACHE_BATCH", 4)
-    calls, real_call = [], type(teacher).__call__
+    calls, real_call = [], teacher_class.__call__
 
     def stop_on_third_batch(self, idx):
         calls.append(len(idx))
@@ -329,17 +409,60 @@ def test_an_interrupted_cache_build_continues_where_it_stopped(dataset, teacher_
             raise KeyboardInterrupt
         return real_call(self, idx)
 
-    monkeypatch.setattr(type(teacher), "__call__", stop_on_third_batch)
+    monkeypatch.setattr(teacher_class, "__call__", stop_on_third_batch)
+    return lambda: monkeypatch.setattr(teacher_class, "__call__", real_call)
+
+
+def test_an_interrupted_build_of_other_settings_is_refused_not_thrown_away(dataset, teacher_ckpt, tmp_path,
+                                                                            monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    argv = ["--dataset=" + dataset, "--teacher=" + str(teacher_ckpt), "--out_dir=" + str(tmp_path / "student"),
+            *TINY, "--cache_dir=" + str(cache), "--cache_only", "--cache_tokens=600", "--top_k=4"]
+    undo = interrupt_the_third_batch(monkeypatch, distill.Teacher)
     with pytest.raises(KeyboardInterrupt):
-        distill.build_cache(teacher, data.train, config, 16, tmp_path / "cut", "cpu")
-    assert json.loads((tmp_path / "cut" / distill.CACHE_PROGRESS).read_text())["windows_done"] == 8
-    monkeypatch.setattr(type(teacher), "__call__", real_call)
-    capsys.readouterr()
-    resumed = distill.build_cache(teacher, data.train, config, 16, tmp_path / "cut", "cpu")
+        distill.main(argv)
+    undo()
+    kept = {path.name: path.read_bytes() for path in cache.iterdir()}
+    assert json.loads(kept[distill.CACHE_PROGRESS])["windows_done"] == 8
+    for changed, named in [("--cache_tokens=500", "over 600 training tokens, and this run's --cache_tokens covers 500"),
+                           ("--top_k=8", "with --top_k 4, and this run has 8"),
+                           ("--temperature=2", "with --temperature 1.0, and this run has 2.0"),
+                           ("--cache_stride=4", "with --cache_stride 8, and this run has 4")]:
+        line = one_line_error(capsys, [*argv, changed])
+        assert named in line, line
+        assert line.endswith("run with its settings to continue it, or pass another --cache_dir "
+                             "(or delete the folder) to start anew")
+        assert {path.name: path.read_bytes() for path in cache.iterdir()} == kept  # nothing thrown away
+    distill.main(argv)  # the same settings continue the build
     assert "continuing an interrupted build at window 8" in capsys.readouterr().out
-    assert resumed["data"] == reference["data"] and not (tmp_path / "cut" / distill.CACHE_PROGRESS).exists()
-    for name in distill.CACHE_ARRAYS:
-        assert np.array_equal(np.load(tmp_path / "cut" / f"{name}.npy"), np.load(tmp_path / "whole" / f"{name}.npy"))
+    assert not (cache / distill.CACHE_PROGRESS).exists() and (cache / distill.CACHE_META).exists()
+
+
+def test_a_build_says_what_it_covers_and_shows_its_rate_and_eta(dataset, teacher_ckpt, tmp_path, capsys):
+    n_train = len(train.load_dataset(dataset, 16).train)
+    distill.main(["--dataset=" + dataset, "--teacher=" + str(teacher_ckpt), "--out_dir=" + str(tmp_path), *TINY,
+                  "--cache_only"])
+    out, err = capsys.readouterr()
+    windows = len(distill.teacher_windows(n_train, 16))
+    assert (f"teacher cache: the teacher predicts {n_train - 1:,} positions, in {windows:,} windows of 16 tokens, "
+            f"into {tmp_path / 'teacher_cache'} (--cache_tokens=N caches the first N training tokens only)") in out
+    # tqdm's bar: elapsed<remaining, then positions per second
+    assert re.search(r"teacher cache: 100%.*\[\d\d:\d\d<\d\d:\d\d, [\d.]+[kM]?pos/s\]", err), err
+
+
+def test_a_damaged_cache_is_refused_in_one_line(dataset, teacher_ckpt, tmp_path, capsys):
+    argv = ["--dataset=" + dataset, "--teacher=" + str(teacher_ckpt), "--out_dir=" + str(tmp_path / "student"),
+            *TINY, "--cache_dir=" + str(tmp_path / "cache"), "--cache_only", "--cache_tokens=600"]
+    distill.main(argv)
+    meta, tail = tmp_path / "cache" / distill.CACHE_META, tmp_path / "cache" / "tail.npy"
+    good_meta, good_tail = meta.read_bytes(), tail.read_bytes()
+    meta.write_text("{")  # a torn or hand-edited meta.json
+    assert "meta.json is not readable" in one_line_error(capsys, argv)
+    meta.write_bytes(good_meta)
+    tail.write_bytes(good_tail[:len(good_tail) // 2])  # a truncated array
+    assert "is damaged" in one_line_error(capsys, argv)
+    tail.write_bytes(good_tail)
+    distill.main(argv)  # whole again: accepted
 
 
 def test_bytes_student_distills_from_a_bpe_teacher(hf_teacher, hf_corpus_as_bytes, tmp_path):
@@ -362,7 +485,9 @@ def test_the_twin_of_a_partly_cached_student_trains_on_the_same_part(hf_teacher,
     n_bytes = distill.student_positions(teacher_data.train[:300], teacher_data, data)
     assert n_bytes == sum(len(token_byte_table(teacher_data.meta["tokenization"])[i]) for i in teacher_data.train[:300])
     ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    x, y = distill.prefix_batch_fn(n_bytes)(data.train, 64, 16, ours, "cpu")
+    twin = distill.no_teacher_batches(distill.DistillConfig(cache_tokens=300), teacher_data.train[:300],
+                                      teacher_data, data)
+    x, y = twin(data.train, 64, 16, ours, "cpu")
     x_ref, y_ref = train.get_batch(data.train[:n_bytes], 64, 16, theirs, "cpu")
     assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
     run_distill(hf_corpus_as_bytes, folder, tmp_path, "--alpha=0", "--teacher_dataset=" + hf_data, "--cache_tokens=300",

@@ -1,62 +1,38 @@
 """
-exercises.py: for every exercise, `start N` fails exactly its graded tests and the rest of the
-suite passes, `reset N` gives every file back byte for byte, `check N` passes on the reference
-code, and a handout's own suite fails only in its started exercises and holds no reference body.
+tools/exercises.py: every exercise names real functions that keep a docstring in a handout; `check`
+tells PASS, FAIL and WAIT apart however long a failure's report; `start` and `reset` never lose a
+student's work; `grade` runs the reference's own tests on a student's function bodies and writes JSON;
+a handout lists only its own exercises as started.
 
-Started one by one, the exercises would need the whole suite once each: ten runs, about 25
-minutes on 2 cores. These tests need one run, and reason about the rest:
-
-1. The suite runs once on the reference code with a call tracer (tests/exercise_tracer.py). It
-   records which tests reach each exercise function: from the test itself, from any fixture the
-   test uses (a module or session fixture is set up once but counts for every test using it),
-   from collection (counts for every test), and from any Python process a test starts (the
-   tracer is installed at interpreter start, and the context travels in the environment). It
-   also records outcomes: every graded test passes on the reference code, which is what
-   `check N` checks there (`check` itself runs twice below, on an exercise whose tests are quick).
-2. A test that never calls a function runs the same code whether that function's body is the
-   reference or a stub, so with exercise N started only the tests that reach N's functions can
-   change outcome. Those are run, in a copy with N started: the ones that fail must be exactly
-   N's graded tests. They fail at the first call of a stub, so this costs a fraction of their
-   normal time. The one assumption: no test reaches an exercise function only through a result
-   cached by an earlier test (a functools cache or a module global); none does today.
-3. A handout with every exercise started differs from the reference in those stubs, README.md
-   and having no .git; the same argument runs the tests that reach any stub plus the ones that
-   read the project's own files (test_reliability's scan of every file).
-
-All of that costs about 10 minutes on 2 cores (the traced suite is most of it), so those tests
-run when STLM_EXERCISE_ROUND_TRIP=1, as .ci/run sets; a plain `pytest` skips them, saying so.
-Everything runs in temp copies of the working tree, committed to a fresh git repository there:
-the real checkout is never touched. In a copy without git history (a handout), these skip.
+The round trip (STLM_EXERCISE_ROUND_TRIP=1, as .ci/run sets; a few minutes on 2 cores) runs the marked
+tests of every exercise once on the reference (all pass), each exercise's marked tests once with it
+started (all fail, at its stub), and the whole suite once in a handout with every exercise started
+(every failure is at a stub). Everything runs in temp copies of the working tree committed to a fresh
+git repository there: the real checkout is never touched. In a handout (no git history) these skip.
 """
 
+import ast
 import hashlib
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import exercise_tracer
-import exercises
-from exercises import EXERCISES
+from tools import exercises
+from tools.exercises import EXERCISES
 
 ROOT = Path(__file__).resolve().parent.parent
-THIS_FILE = "tests/test_exercises.py"
-FILE_READING_TESTS = ("tests/test_reliability.py::test_nothing_refers_to_a_folder_outside_the_checkout",)
-QUICK_EXERCISE = min(EXERCISES, key=lambda n: len(EXERCISES[n].tests)) if EXERCISES else None
-
-
-def started_here():
-    return [n for n in EXERCISES if exercises.state(n, ROOT) == "started"]
-
+ALL = ",".join(map(str, EXERCISES))
 
 round_trip = pytest.mark.skipif(os.environ.get("STLM_EXERCISE_ROUND_TRIP") != "1",
-                                reason="the exercises' round trip runs the suite again, traced (about 10 minutes on "
-                                       "2 cores): .ci/run runs it; set STLM_EXERCISE_ROUND_TRIP=1 to run it here")
-pytestmark = pytest.mark.skipif(not (ROOT / ".git").exists() or (EXERCISES and bool(started_here())),
-                                reason="a handout, or exercises started: the round trip needs the reference code")
+                                reason="the exercises' round trip runs every exercise's tests started and a handout's "
+                                       "whole suite (minutes): .ci/run runs it; set STLM_EXERCISE_ROUND_TRIP=1 to run it")
+pytestmark = pytest.mark.skipif(not (ROOT / ".git").exists()
+                                or any(exercises.state(n, ROOT) == "started" for n in EXERCISES),
+                                reason="a handout, or exercises started: these tests need the reference code")
 
 
 def git(folder, *args):
@@ -64,27 +40,13 @@ def git(folder, *args):
 
 
 def run_exercises(folder, *args):
-    return subprocess.run([sys.executable, "exercises.py", *args], cwd=folder, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "tools/exercises.py", *args], cwd=folder, capture_output=True, text=True)
 
 
 def file_hashes(folder):
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in Path(folder).rglob("*") if p.is_file() and ".git" not in p.relative_to(folder).parts
             and "__pycache__" not in p.parts}
-
-
-def pytest_outcomes(folder, node_ids):
-    """{node id: 'pass' | 'fail' | 'skip'} of pytest on node_ids in folder: check's own runner, exercises.run_tests."""
-    return {node_id: outcome for node_id, outcome, _ in exercises.run_tests(node_ids, folder)}
-
-
-def graded(exercise, node_ids):
-    """The collected node ids an exercise's tests name (a name without [parameters] covers every case)."""
-    return {n for n in node_ids if n in exercise.tests or n.partition("[")[0] in exercise.tests}
-
-
-def targets(numbers):
-    return [f"{EXERCISES[n].file}:{function}" for n in numbers for function in EXERCISES[n].functions]
 
 
 @pytest.fixture(scope="module")
@@ -95,26 +57,11 @@ def reference(tmp_path_factory):
     for name in filter(None, listed):
         if (ROOT / name).is_file():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, folder / name)
+            (folder / name).write_bytes((ROOT / name).read_bytes())
     git(folder, "init", "-q")
     git(folder, "add", "-A")
     git(folder, "-c", "user.name=exercises", "-c", "user.email=exercises@localhost", "commit", "-q", "-m", "reference")
     return folder
-
-
-@pytest.fixture(scope="module")
-def traced(reference, tmp_path_factory):
-    """({node id: fixtures and outcome}, {context: exercise functions called}) of one traced run of the suite."""
-    folder = tmp_path_factory.mktemp("trace")
-    (folder / "sitecustomize.py").write_text(exercise_tracer.sitecustomize_source())
-    trace_file = folder / "calls.tsv"
-    env = {"PYTHONPATH": os.pathsep.join([str(folder), str(reference / "tests"), os.environ.get("PYTHONPATH", "")]),
-           exercise_tracer.FILE_VARIABLE: str(trace_file), exercise_tracer.ROOT_VARIABLE: str(reference),
-           exercise_tracer.TARGETS_VARIABLE: ",".join(targets(EXERCISES))}
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "exercise_tracer",
-                    f"--ignore={THIS_FILE}"], cwd=reference,
-                   capture_output=True, text=True, env={**os.environ, **env})
-    return exercise_tracer.read_trace(str(trace_file))
 
 
 @pytest.fixture(scope="module")
@@ -125,79 +72,77 @@ def work(reference, tmp_path_factory):
     return folder
 
 
-@round_trip
-def test_the_table_names_real_functions_and_tests(traced):
-    items, _ = traced
+def test_every_exercise_names_real_functions_that_keep_a_docstring():
+    """The stub keeps a function's signature and docstring: the docstring is the handout's spec."""
     for number, exercise in EXERCISES.items():
-        source = (ROOT / exercise.file).read_text()
-        exercises.body_spans(source, exercise.functions, exercise.file)  # raises if a function is gone
-        for node_id in exercise.tests:
-            assert graded(exercises.Exercise("", "", (), (node_id,)), items), f"exercise {number}: no test {node_id}"
+        tree = ast.parse((ROOT / exercise.file).read_text())
+        for function in exercise.functions:
+            node = exercises._find(tree, function, exercise.file)
+            assert exercises._is_docstring(node.body[0]), f"exercise {number}: {function} has no docstring"
 
 
-@round_trip
-@pytest.mark.parametrize("number", list(EXERCISES))
-def test_start_fails_exactly_the_graded_tests_and_reset_restores_every_byte(number, traced, work):
-    items, calls = traced
-    exercise = EXERCISES[number]
-    expected = graded(exercise, items)
-    ran_here = {n for n in expected if items[n]["outcome"] != "skipped"}  # a skipped test (no GPT-2 files) cannot fail
-    assert all(items[n]["outcome"] == "passed" for n in ran_here), "a graded test fails on the reference code"
-    reaching = exercise_tracer.reaching(items, calls, targets([number]))
-    assert ran_here <= reaching, f"graded tests that never call {exercise.functions}: {sorted(ran_here - reaching)}"
-
-    before = file_hashes(work)
-    started = run_exercises(work, "start", str(number))
-    assert started.returncode == 0, started.stderr
-    after = file_hashes(work)
-    assert {f for f in before if before[f] != after[f]} == {exercise.file}
-    assert exercises.state(number, work) == "started"
-
-    outcomes = pytest_outcomes(work, sorted(reaching))
-    failed = {n for n, outcome in outcomes.items() if outcome == "fail"}
-    assert failed == ran_here, (f"fail but are not graded: {sorted(failed - ran_here)}; "
-                                f"graded but pass: {sorted(ran_here - failed)}")
-
-    reset = run_exercises(work, "reset", str(number))
-    assert reset.returncode == 0, reset.stderr
-    assert file_hashes(work) == before
-    assert exercises.state(number, work) == "reference"
+def record(name, outcome="passed", graded=(5,), text="", message=""):
+    return {"id": f"tests/t.py::{name}", "outcome": outcome, "exercises": list(graded), "text": text,
+            "message": message}
 
 
-@round_trip
-def test_check_passes_on_the_reference_and_fails_on_a_stub(work):
-    number = QUICK_EXERCISE
-    n_tests = len(EXERCISES[number].tests)
-    result = run_exercises(work, "check", str(number))
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    assert sum(line.startswith("PASS") for line in lines) >= n_tests
-    assert lines[-1].startswith(f"exercise {number}: ") and " tests pass" in lines[-1]
-    assert run_exercises(work, "start", str(number)).returncode == 0
-    try:
-        result = run_exercises(work, "check", str(number))
-        assert result.returncode == 1
-        failures = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
-        assert len(failures) >= n_tests and all(f"exercise {number}: write" in line for line in failures)
-        assert result.stdout.splitlines()[-1].startswith(f"exercise {number}: 0 of ")
-    finally:
-        assert run_exercises(work, "reset", str(number)).returncode == 0
+def a_long_report(stub_line):
+    """A subprocess's traceback deep inside a long assertion message, as a test that runs a script reports it."""
+    return "AssertionError: train.py failed\n" + "  File \"x.py\", line 1, in f\n" * 400 + stub_line + "\n"
 
 
-def test_check_marks_the_failures_that_wait_for_another_exercise(monkeypatch, capsys):
-    outcomes = [("tests/t.py::a", "pass", ""), ("tests/t.py::b", "fail", "NotImplementedError: exercise 3: write f"),
-                ("tests/t.py::c", "fail", "NotImplementedError: exercise 5: write g"),
-                ("tests/t.py::d", "fail", "AssertionError: 1 != 2"), ("tests/t.py::e", "skip", "no GPT-2 files")]
-    monkeypatch.setattr(exercises, "run_tests", lambda node_ids, root: outcomes)
-    assert not exercises.check(5)
-    lines = capsys.readouterr().out.splitlines()[1:]
-    assert [line.split()[0] for line in lines[:-1]] == ["PASS", "WAIT", "FAIL", "FAIL", "SKIP"]
-    assert lines[-1] == "exercise 5: 1 of 5 tests pass, 1 wait for exercise 3, 1 skipped"
+def test_check_counts_pass_fail_and_wait_and_finds_a_stub_however_long_the_report(monkeypatch, capsys):
+    records = [record("a"), record("b", "failed", text=a_long_report(
+                   'NotImplementedError: exercise 3: write GPT.num_params (EXERCISES.md)')),
+               record("c", "failed", text="NotImplementedError: exercise 5: write time_split (EXERCISES.md)"),
+               record("d", "failed", message="AssertionError: 1 != 2"), record("e", "skipped", message="no GPT-2 files")]
+
+    def fake_pytest(root, args, on_test=None, timeout=None):
+        assert args == ["tests", "--exercise=5"]
+        for r in records:
+            on_test(r, len(records))
+        return records
+
+    monkeypatch.setattr(exercises, "run_pytest", fake_pytest)
+    assert not exercises.check([5])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ")[1].split()[0] for line in lines[1:-1]] == ["PASS", "WAIT", "FAIL", "FAIL", "SKIP"]
+    assert lines[1].startswith("[1/5] PASS  tests/t.py::a") and "stops at the stub of exercise 3" in lines[2]
+    assert "exercise 5: not written yet" in lines[3] and lines[4].endswith("AssertionError: 1 != 2")
+    assert lines[-1] == "exercise 5: not done: 1 of 5 tests pass, 2 fail, 1 wait for exercise 3, 1 skipped"
+    # an exercise whose own tests pass and whose others wait is done, and says so
+    records[2:4] = []
+    assert exercises.check([5])
+    assert capsys.readouterr().out.splitlines()[-1] == ("exercise 5: done: 1 of 3 tests pass, 1 wait for exercise 3, "
+                                                        "1 skipped (check again once that is written)")
+
+
+def test_check_full_runs_the_whole_suite_and_fails_on_any_failure_not_at_another_stub(monkeypatch, capsys):
+    others = [record(f"other{i}", graded=()) for i in range(60)]
+    records = [record("graded"), *others, record("uses_5", "failed", graded=(),
+                                                  text="exercise 5: write time_split (EXERCISES.md)"),
+               record("uses_7", "failed", graded=(), text="exercise 7: write KVCache.store (EXERCISES.md)")]
+
+    def fake_pytest(root, args, on_test=None, timeout=None):
+        assert args == ["tests"]
+        for r in records:
+            on_test(r, len(records))
+        return records
+
+    monkeypatch.setattr(exercises, "run_pytest", fake_pytest)
+    assert not exercises.check([5], full=True)
+    lines = capsys.readouterr().out.splitlines()
+    shown = [line.split("] ")[1].split()[1] if line.startswith("[") else None for line in lines]
+    # the graded test, every non-passing one, and every 25th as progress
+    assert [s for s in shown if s] == ["tests/t.py::graded", "tests/t.py::other23", "tests/t.py::other48",
+                                       "tests/t.py::uses_5", "tests/t.py::uses_7"]
+    assert lines[-2] == "exercise 5: done: 1 of 1 tests pass"
+    assert lines[-1] == "the whole suite: 61 of 63 tests pass, 1 fail, 1 wait for exercise 7"
 
 
 def test_uncommitted_changes_are_never_overwritten(work):
     """Changes outside the exercises' functions are refused in one line, and a student's own version is never lost to start."""
-    number = QUICK_EXERCISE
+    number = 5
     file = work / EXERCISES[number].file
     original = file.read_bytes()
     file.write_bytes(original + b"# a change of the student's own\n")
@@ -216,32 +161,131 @@ def test_uncommitted_changes_are_never_overwritten(work):
     result = run_exercises(work, "start", str(number))
     assert result.returncode == 2 and "of your own" in result.stderr and file.read_text() == attempt
     assert run_exercises(work, "reset", str(number)).returncode == 0 and file.read_bytes() == original
-    for bad in (["start", "99"], ["start", "one"], ["check"], ["finish", "1"]):
+    for bad in (["start", "99"], ["start", "one"], ["check"], ["finish", "1"], ["check", "1", "--fast"],
+                ["grade", "1", str(work / "no such folder")]):
         result = run_exercises(work, *bad)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
-@round_trip
-def test_a_handout_fails_only_its_exercises_and_holds_no_reference_body(reference, traced, tmp_path):
-    items, calls = traced
-    numbers = list(EXERCISES)
+def test_a_handout_lists_only_its_exercises_as_started(reference, tmp_path):
     handout = tmp_path / "handout"
-    result = run_exercises(reference, "handout", ",".join(map(str, numbers)), str(handout))
+    assert run_exercises(reference, "handout", "3,6,7", str(handout)).returncode == 0
+    assert not (handout / ".git").exists()
+    states = {n: exercises.state(n, handout) for n in EXERCISES}
+    assert states == {n: "started" if n in (3, 6, 7) else "not handed out" for n in EXERCISES}
+    readme = (handout / "README.md").read_text()
+    assert all(f"python tools/exercises.py check {n}" in readme for n in (3, 6, 7))
+    assert "check 1`" not in readme
+    # the student writes exercise 7 (here: the reference's bodies)
+    model = exercises.read(handout, "model.py")
+    written = exercises.bodies(exercises.read(reference, "model.py"), EXERCISES[7].functions, "model.py")
+    exercises.write(handout, "model.py", exercises.replace_bodies(model, written, "model.py"))
+    listing = run_exercises(handout, "list").stdout.splitlines()
+    assert [line.split()[0] for line in listing if " started " in line] == ["3", "6"]
+    assert " written " in listing[6]
+
+
+def test_a_handout_never_writes_over_anything_and_refuses_in_one_line(reference, tmp_path):
+    """A file, a folder with something in it, and a folder that cannot be made (under a file; as root, a
+    read-only folder would be written anyway): one line, exit 2, the destination as it was."""
+    (tmp_path / "a file").write_text("mine\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine\n")
+    for destination, reason in (("a file", "is a file"), ("full", "is not empty"),
+                                ("a file/handout", "cannot write the handout")):
+        result = run_exercises(reference, "handout", "3", str(tmp_path / destination))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and reason in result.stderr, result.stderr
+    assert (tmp_path / "a file").read_text() == "mine\n" and os.listdir(tmp_path / "full") == ["notes.txt"]
+
+
+def test_grade_runs_the_references_tests_on_a_students_bodies_and_writes_json(reference, tmp_path):
+    student = tmp_path / "student"
+    student.mkdir()
+    # the student's optim.py: a cosine upside down (exercise 2), Muon's orthogonalisation as it should be (8),
+    # and a change outside both (ignored: only their functions' bodies are graded)
+    optim = exercises.read(reference, "optim.py")
+    wrong = optim.replace("0.5 * (1.0 + math.cos(math.pi * progress))", "0.5 * (1.0 - math.cos(math.pi * progress))")
+    assert wrong != optim
+    exercises.write(student, "optim.py", wrong.replace("MUON_MOMENTUM = 0.95", "MUON_MOMENTUM = 0.5"))
+    # their tests edited to pass whatever the code does: grade runs the reference's, not these
+    (student / "tests").mkdir()
+    (student / "tests" / "test_train.py").write_text("def test_everything():\n    pass\n")
+    out = tmp_path / "grades" / "student.json"
+    out.parent.mkdir()
+    result = run_exercises(reference, "grade", "2,8,5", str(student), f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("student: 1 of 3 exercises pass (")
+    report = json.loads(out.read_text())
+    grades = report["exercises"]
+    assert (grades["2"]["status"], grades["8"]["status"], grades["5"]["status"]) == ("fail", "pass", "fail")
+    assert grades["2"]["failed"] >= 1 and grades["8"]["failed"] == 0 and grades["8"]["passed"] >= 2
+    assert all(t["id"].startswith("tests/test_") and t["outcome"] in ("pass", "fail", "skip")
+               for t in grades["2"]["tests"] + grades["8"]["tests"])
+    assert grades["5"]["message"] == f"no bench.py in {student}" and grades["5"]["tests"] == []
+    assert report["total"]["exercises"] == 3 and report["total"]["passed"] == 1
+    assert report["reference_commit"] == git(reference, "rev-parse", "HEAD").decode().strip()
+    assert exercises.read(reference, "optim.py") == optim  # the reference is never touched
+
+
+# ----------------------------------------------------------------------------
+# the round trip
+
+def check_lines(result):
+    """The per-test lines of check's output: (word, node id, message)."""
+    lines = [line.split("] ", 1)[1] for line in result.stdout.splitlines() if line.startswith("[")]
+    return [(line[:4], line[6:].split("  ")[0], line[6:].partition("  ")[2]) for line in lines]
+
+
+@round_trip
+def test_check_passes_every_exercise_on_the_reference(work):
+    result = run_exercises(work, "check", ALL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert {word for word, _, _ in check_lines(result)} <= {"PASS", "SKIP"}
+    for number in EXERCISES:
+        assert any(line.startswith(f"exercise {number}: done: ") for line in result.stdout.splitlines())
+
+
+@round_trip
+@pytest.mark.parametrize("number", list(EXERCISES))
+def test_start_fails_every_graded_test_at_its_stub_and_reset_restores_every_byte(number, work):
+    exercise = EXERCISES[number]
+    before = file_hashes(work)
+    started = run_exercises(work, "start", str(number))
+    assert started.returncode == 0, started.stderr
+    after = file_hashes(work)
+    assert {f for f in before if before[f] != after[f]} == {exercise.file}
+    assert exercises.state(number, work) == "started"
+    try:
+        result = run_exercises(work, "check", str(number))
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = check_lines(result)
+        # every graded test stops at this exercise's stub: a test that passes with a stub grades nothing
+        assert lines and all(word == "SKIP" or (word == "FAIL" and message.endswith(
+            f"exercise {number}: not written yet")) for word, _, message in lines), result.stdout
+        assert f"exercise {number}: not done: 0 of " in result.stdout.splitlines()[-1]
+    finally:
+        reset = run_exercises(work, "reset", str(number))
+    assert reset.returncode == 0, reset.stderr
+    assert file_hashes(work) == before
+    assert exercises.state(number, work) == "reference"
+
+
+@round_trip
+def test_a_handout_fails_only_at_its_stubs_and_holds_no_reference_body(reference, tmp_path):
+    handout = tmp_path / "handout"
+    result = run_exercises(reference, "handout", ALL, str(handout))
     assert result.returncode == 0, result.stderr
     assert not (handout / ".git").exists() and not list(handout.rglob("__pycache__"))
-    readme = (handout / "README.md").read_text()
-    assert all(f"python exercises.py check {n}" in readme for n in numbers)
-
     handed_out = [p.read_bytes() for p in handout.rglob("*") if p.is_file()]
-    for number in numbers:
-        exercise = EXERCISES[number]
+    for number, exercise in EXERCISES.items():
         assert exercises.state(number, handout) == "started"
         for function, body in exercises.bodies((reference / exercise.file).read_text(), exercise.functions,
                                                exercise.file).items():
             assert not any(body.encode() in content for content in handed_out), f"{function}'s body is in the handout"
-
-    reaching = exercise_tracer.reaching(items, calls, targets(numbers)) | set(FILE_READING_TESTS)
-    expected = {n for number in numbers for n in graded(EXERCISES[number], items) if items[n]["outcome"] != "skipped"}
-    outcomes = pytest_outcomes(handout, sorted(reaching))
-    failed = {n for n, outcome in outcomes.items() if outcome == "fail"}
-    assert failed == expected, f"unexpected failures: {sorted(failed - expected)}; passing: {sorted(expected - failed)}"
+    # the whole suite, as a student runs it: whatever fails, fails at a stub, and every graded test fails
+    records = exercises.run_pytest(handout, ["tests"])
+    failed = [r for r in records if r["outcome"] == "failed"]
+    not_at_a_stub = [r["id"] for r in failed if not exercises.stubs_met(r)]
+    assert not not_at_a_stub, f"fail, but not at a stub: {not_at_a_stub}"
+    passing_graded = [r["id"] for r in records if r["exercises"] and r["outcome"] == "passed"]
+    assert not passing_graded, f"graded tests that pass with every exercise started: {passing_graded}"

@@ -1,72 +1,27 @@
-"""tokenizer.py: every tokenization's ids and bytes, the segmenters, the lossless chunk codec."""
+"""
+tokenizer.py: every tokenization's ids and bytes, GPT-2's cuts as markers, Hugging Face tokenizers, and
+the teaching BPE against a hand-worked example and against tiktoken run on the merges it learns.
+"""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken
 
 import tokenizer as tk
 from cli import UserError
 
 
-def random_byte_strings(n, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, size=rng.integers(0, 48), dtype=np.uint8).tobytes() for _ in range(n)]
-
-
-# code points from ASCII, Latin-1, Greek, CJK, emoji (4 UTF-8 bytes), plus NUL and newlines
-CODE_POINT_RANGES = [(0, 0), (10, 10), (32, 126), (0xA0, 0xFF), (0x391, 0x3C9), (0x4E00, 0x4FFF), (0x1F600, 0x1F64F)]
-
-
-def random_unicode_strings(n, seed):
-    rng = np.random.default_rng(seed)
-    strings = []
-    for _ in range(n):
-        ranges = [CODE_POINT_RANGES[i] for i in rng.integers(0, len(CODE_POINT_RANGES), size=rng.integers(0, 24))]
-        strings.append("".join(chr(rng.integers(lo, hi + 1)) for lo, hi in ranges))
-    return strings
-
-
-
 # ----------------------------------------------------------------------------
-# segmenters and the codec
+# bytes_gpt2: GPT-2's cuts as markers in the byte stream
 
-@pytest.mark.parametrize("max_chunk_bytes", [3, tk.MAX_CHUNK_BYTES])
-def test_round_trip_of_random_bytes_and_unicode(segmenter_name, max_chunk_bytes):
-    segmenter = tk.Segmenter(segmenter_name, max_chunk_bytes, fixed_chunk_bytes=5)
-    inputs = random_byte_strings(1500, seed=1) + [s.encode("utf-8") for s in random_unicode_strings(1500, seed=2)]
-    for data in inputs:
-        chunks = segmenter.split(data)
-        assert tk.join_chunks(chunks) == data
-        assert all(1 <= len(c) <= max_chunk_bytes for c in chunks)
-
-
-def test_edge_cases_round_trip(segmenter_name):
-    segmenter = tk.Segmenter(segmenter_name, max_chunk_bytes=4, fixed_chunk_bytes=3)
-    cases = [b"", b"\x00", b"a\x00\x00b", b"\xff\xfe\xc3(", b"\xed\xa0\x80 lone surrogate", " ".encode() * 40,
-             "🙂🙂 東京 naïve".encode(), "x" * 33 + "\n\n\n"]
-    for data in cases:
-        data = data if isinstance(data, bytes) else data.encode()
-        chunks = segmenter.split(data)
-        assert tk.join_chunks(chunks) == data and all(1 <= len(c) <= 4 for c in chunks)
-    assert segmenter.split("") == [] and segmenter.split("🙂") == segmenter.split("🙂".encode())
-
-
-def test_segmenters_by_hand():
-    text = b"Hi, there  you!\nok"
-    # a chunk closes after a spacelike byte that follows a non-spacelike one
-    assert tk.Segmenter("space").split(text) == [b"Hi,", b" there ", b" you!", b"\nok"]
-    assert tk.Segmenter("fixed", fixed_chunk_bytes=4).split(text) == [b"Hi, ", b"ther", b"e  y", b"ou!\n", b"ok"]
-    # split, never truncated: 20 letters with max 8 become 8 + 8 + 4
-    assert tk.Segmenter("space", max_chunk_bytes=8).split(b"a" * 20) == [b"a" * 8, b"a" * 8, b"a" * 4]
-
-
-def test_gpt2_segmenter_cuts_at_gpt2_tokens(gpt2):
-    text = b"Hi, there  you!\nok"
-    assert tk.Segmenter("gpt2").split(text) == [b"Hi", b",", b" there", b" ", b" you", b"!", b"\n", b"ok"]
-
-
-def test_bad_segmenter_is_a_user_error():
-    with pytest.raises(UserError, match="--segmenter"):
-        tk.Segmenter("words")
+def test_bytes_gpt2_marks_each_gpt2_token_end(gpt2):
+    text = "Hi, there  you!\nok"
+    end = tk.GPT2_TOKEN_END
+    pieces = [b"Hi", b",", b" there", b" ", b" you", b"!", b"\n", b"ok"]  # GPT-2's tokens of the text, by hand
+    assert tk.encode("bytes_gpt2", text) == [i for piece in pieces for i in [*piece, end]]
+    assert tk.encode("bytes_gpt2", "") == []
 
 
 # ----------------------------------------------------------------------------
@@ -183,3 +138,46 @@ def test_a_tokenizer_that_does_not_rebuild_the_text_is_refused(tmp_path):
     with pytest.raises(UserError, match="do not rebuild the train text"):
         prepare.prepare(prepare.PrepareConfig(input=str(tmp_path / "corpus.txt"), tokenization="hf",
                                               tokenizer_dir=str(folder), data_dir=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------
+# the teaching BPE (exercise 16)
+
+# Sennrich et al.'s example, as CS336's first assignment works it
+LOW_LOWER = "low low low low low lower lower widest widest widest newest newest newest newest newest newest"
+
+
+@pytest.mark.exercise(16)
+def test_bpe_learns_the_hand_worked_merges():
+    # The pieces: "low" once, " low" 4 times, " lower" 2, " widest" 3, " newest" 6 (a word keeps its space).
+    # Pair counts: es 9, st 9, we 8, lo 7, ow 7, " l" 6, " n" 6, ne 6, ew 6, ... So:
+    # 1. st (9, tied with es: the greater pair wins)   2. e+st (9)   3. o+w (7, tied with l+o)   4. l+ow (7)
+    # 5. w+est (6: of the pairs at 6, (w, est) is the greatest)   6. n+e (6)   7. ne+west (6)
+    # 8. " "+newest (6, tied with " "+low: b"newest" > b"low")   9. " "+low (6)   10. w+i (3, the greatest of the 3s)
+    ranks = tk.train_bpe(LOW_LOWER, 10)
+    learnt = [token for token in ranks if len(token) > 1]
+    assert learnt == [b"st", b"est", b"ow", b"low", b"west", b"ne", b"newest", b" newest", b" low", b"wi"]
+    assert [ranks[token] for token in learnt] == list(range(256, 266))
+    assert all(ranks[bytes([b])] == b for b in range(256))
+    # encoding: a piece that is a token whole, and one joined by the merges in their order
+    assert tk.bpe_encode(" newest", ranks) == [ranks[b" newest"]]
+    assert tk.bpe_encode(" lower", ranks) == [ranks[b" low"], ord("e"), ord("r")]
+    assert tk.bpe_encode(" wider", ranks) == [ord(" "), ranks[b"wi"], ord("d"), ord("e"), ord("r")]
+    # merging stops when every piece is one token
+    ranks = tk.train_bpe(LOW_LOWER, 1000)
+    assert all(tk.bpe_encode(piece, ranks) == [ranks[piece.encode()]] for piece in ["low", " lower", " widest"])
+    assert len(ranks) < 256 + 1000
+
+
+@pytest.mark.exercise(16)
+def test_bpe_encodes_as_tiktoken_does_with_the_merges_it_learns():
+    corpus = (Path(tk.__file__).parent / "README.md").read_text(encoding="utf-8")
+    ranks = tk.train_bpe(corpus, 150)
+    assert len(ranks) == len(set(ranks.values())) > 256 + 100  # one id per token
+    # tiktoken's own encoder (its Rust core, not its teaching copy) on these ranks and the same pieces
+    encoding = tiktoken.Encoding("teaching", pat_str=tk.BPE_PIECES, mergeable_ranks=ranks, special_tokens={})
+    text = (Path(tk.__file__).parent / "model.py").read_text(encoding="utf-8") + "naïve café 東京 🙂!\n\n  it's\t"
+    ids = tk.bpe_encode(text, ranks)
+    assert ids == encoding.encode_ordinary(text)
+    by_id = {i: token for token, i in ranks.items()}
+    assert b"".join(by_id[i] for i in ids) == text.encode("utf-8")  # lossless
