@@ -375,8 +375,9 @@ def test_muon_gets_a_pooled_models_byte_layer_matrices_too():
                      for m in ("qkv", "attn_out", "fc", "proj")]
     assert sorted(on_muon) == sorted(byte_matrices + ["pooled.up.weight", "pooled.down.weight"]
                                      + [f"h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "ffn.c_fc", "ffn.c_proj")])
-    assert [names[id(p)] for p in adamw.param_groups[0]["params"]] == ["pooled.byte_embedding.weight", "pooled.position.weight",
-                                                                      "wpe.weight"]  # tables; the head is tied
+    ngram_tables = [f"pooled.ngram.tables.{i}.weight" for i in range(3)]  # on by default for pooled models
+    assert [names[id(p)] for p in adamw.param_groups[0]["params"]] == ["pooled.byte_embedding.weight", *ngram_tables,
+                                                                      "pooled.position.weight", "wpe.weight"]  # tables; the head is tied
     blocks = {names[id(g["params"][0])]: g.get("row_blocks") for g in muon.param_groups}
     assert blocks["pooled.layers_in.0.qkv.weight"] == [16, 16, 16] and blocks["h.0.attn.c_attn.weight"] == [32, 32, 32]
 
