@@ -6,6 +6,7 @@ What every script shares: its options, its one-line error, and the machine it ru
   parser every Python user knows); no config file is ever executed.
 - `UserError` is bad input; `run` prints it as one line, `error: ...`, with exit status 2.
 - `require` imports an optional extra, or says which pip command installs it.
+- `write_atomic` writes a file whole or not at all, a failure as one line.
 - `pick_device` checks `--device`; `set_threads` gives `--threads` one meaning everywhere.
 
 It needs only the standard library (torch is imported where a function needs it), so that
@@ -13,6 +14,7 @@ data/prepare.py and library modules that import UserError load nothing heavy.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -22,6 +24,7 @@ import re
 import sys
 import time
 import typing
+from pathlib import Path
 
 EXIT_USAGE = 2  # the conventional exit status for bad command-line input
 
@@ -131,6 +134,21 @@ def require(module, package=None):
 
 # ----------------------------------------------------------------------------
 # the machine: --device and --threads mean the same in every script
+
+def write_atomic(path, data, fix):
+    """Write bytes or text to path through a temp file renamed into place; a failure is one line ending in fix."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:
+        # a full disk or a read-only folder: the old file stays whole and no half-written temp file is left
+        with contextlib.suppress(OSError):  # a file where the folder should be: no temp file to remove
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({e.strerror or e}): {fix}") from None
+
 
 def pick_device(name):
     """The torch device for --device=auto|cpu|cuda|cuda:N, refusing what this machine lacks."""

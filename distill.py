@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import byte_targets
 import train
-from cli import UserError, require, run
+from cli import UserError, require, run, write_atomic
 from model import load_checkpoint, model_from_checkpoint
 from tokenizer import HF_PREFIX, token_byte_table
 
@@ -42,6 +42,7 @@ CACHE_PROGRESS = "progress.json"  # an unfinished build: how far it got, to cont
 # one .npy file per field of TeacherTargets; row p holds the teacher's prediction of token p
 CACHE_ARRAYS = ("indices", "logprobs", "tail")
 CACHE_BATCH = 32  # teacher windows per forward pass while building the cache
+CACHE_WRITE_FIX = "free space there, or pick another --cache_dir"  # what a failed write tells the user
 # log-probability of "no mass": exp() of it is exactly 0 in float32 and bf16, yet it
 # stays finite, so an empty tail bucket (k = vocabulary) gives 0 * finite, never NaN gradients
 NO_MASS = -1e4
@@ -367,7 +368,7 @@ def save_progress(cache_dir, arrays, description, teacher_path, windows_done, se
         array.flush()
     progress = {"description": description, "teacher_path": teacher_path,
                 "windows_done": windows_done, "seconds": seconds}
-    write_json_atomic(cache_dir / CACHE_PROGRESS, progress)
+    write_atomic(cache_dir / CACHE_PROGRESS, json.dumps(progress, indent=2) + "\n", CACHE_WRITE_FIX)
 
 
 def finish_cache(cache_dir, description, teacher_path, windows, seconds):
@@ -378,7 +379,7 @@ def finish_cache(cache_dir, description, teacher_path, windows, seconds):
     meta = {**description, "mean_dropped_mass": float(dropped.mean()),
             "build_seconds": round(seconds, 2), "teacher_path": teacher_path, "windows": windows,
             "note": "row p: the teacher's prediction of token p from its window; row 0 unused"}
-    write_json_atomic(cache_dir / CACHE_META, meta)
+    write_atomic(cache_dir / CACHE_META, json.dumps(meta, indent=2) + "\n", CACHE_WRITE_FIX)
     (cache_dir / CACHE_PROGRESS).unlink()
     positions = description["tokens"] - 1
     print(f"teacher cache: {positions:,} positions, top-{description['top_k']}, mean dropped mass "
@@ -435,12 +436,6 @@ def read_json(path, cache_dir):
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not readable ({e}): delete {cache_dir} to build it again") from None
-
-
-def write_json_atomic(path, record):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------

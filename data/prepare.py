@@ -49,7 +49,7 @@ from tqdm import tqdm
 # run as a script from anywhere: find the project's modules one folder up (tokenizer.py needs no torch)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tokenizer  # noqa: E402
-from cli import UserError, parse_config, require, run  # noqa: E402
+from cli import UserError, parse_config, require, run, write_atomic  # noqa: E402
 from tokenizer import HF_PREFIX, TOKEN_BYTES_NAME, TOKENIZATIONS  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -62,6 +62,7 @@ DOCUMENT_END = b"\n\n"
 # a newline between two visible ASCII characters: GPT-2's BPE (and most byte-level BPEs) start a token there
 PIECE_CUT = re.compile(rb"[!-~]\n(?=[!-~])")
 SHARD_FILE = re.compile(r"(train|val)(_\d+)?\.bin(\.tmp)?")
+WRITE_FIX = "pick a writable --data_dir with free space"  # what a failed write tells the user
 
 
 @dataclass
@@ -268,7 +269,7 @@ def default_corpus(data_dir=DATA_DIR):
             print(f"note: could not download tinyshakespeare ({e}); "
                   f"using {len(sources)} files of Python's standard library source instead")
             return sources, "python-stdlib"
-        write_atomic(path, data)
+        write_atomic(path, data, WRITE_FIX)
         print(f"downloaded tinyshakespeare to {path}")
     return [path], "tinyshakespeare"
 
@@ -389,30 +390,15 @@ def tokenized(jobs, num_proc):
 # ----------------------------------------------------------------------------
 # writing: shards, the progress that lets a run resume, and the manifest
 
-def write_atomic(path, data):
-    """Write to a temp file and rename it into place: an interrupted run never leaves a half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        # a full disk or a read-only folder: one line, and no half-written temp file left behind
-        if tmp.exists():
-            tmp.unlink()
-        raise UserError(f"could not write {path} ({e.strerror or e}): pick a writable --data_dir "
-                        "with free space") from None
-
-
 def save_npy(path, array):
     """A numpy array in .npy format, atomically (np.load reads it back without pickle)."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue(), WRITE_FIX)
 
 
 def save_json(path, value):
-    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+    write_atomic(path, json.dumps(value, indent=2) + "\n", WRITE_FIX)
 
 
 class ShardWriter:

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 import bench
 import reparam
-import optim
 import train
 from cli import UserError
 from model import GPT, GPTConfig, KVCache, preset_config, save_checkpoint

@@ -19,7 +19,6 @@ then `lm_eval.simple_evaluate(model="stlm", model_args="ckpt=out/ckpt.pt", ...)`
 import codecs
 import difflib
 import json
-import os
 import random
 import sys
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from tqdm import tqdm
 # run from anywhere: the project's modules are one folder up
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train
-from cli import UserError, parse_config, pick_device, require, run, set_threads
+from cli import UserError, parse_config, pick_device, require, run, set_threads, write_atomic
 from model import load_checkpoint, model_from_checkpoint
 from tokenizer import encode, token_byte_table, unit_to_bytes
 
@@ -51,6 +50,7 @@ TASK_NAME = "stlm_continuation"
 CONTEXT_CHARS = 200
 CONTINUATION_CHARS = 24
 DISTRACTORS = 3
+TASK_WRITE_FIX = "pick another --make_task folder"  # what a failed write tells the user
 
 
 @dataclass
@@ -222,7 +222,7 @@ def write_continuation_task(text, folder, n_docs):
         docs.append(json.dumps({"context": text[start:start + CONTEXT_CHARS], "choices": choices,
                                 "label": choices.index(truth)}) + "\n")
     jsonl = Path(folder) / f"{TASK_NAME}.jsonl"
-    write_file(jsonl, "".join(docs))
+    write_atomic(jsonl, "".join(docs), TASK_WRITE_FIX)
     write_task_yaml(folder, TASK_NAME, jsonl)
 
 
@@ -249,21 +249,7 @@ def write_task_yaml(folder, name, jsonl):
             "metric_list": [{"metric": metric, "aggregation": "mean", "higher_is_better": True}
                             for metric in ("acc", "acc_norm")],
             "metadata": {"version": 1.0}}
-    write_file(Path(folder) / f"{name}.yaml", json.dumps(task, indent=2) + "\n")
-
-
-def write_file(path, text):
-    """Write text to path whole or not at all (through a temporary file), a failure as one line."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp.exists():
-            tmp.unlink()
-        raise UserError(f"could not write {path} ({e.strerror or e}): "
-                        "pick another --make_task folder") from None
+    write_atomic(Path(folder) / f"{name}.yaml", json.dumps(task, indent=2) + "\n", TASK_WRITE_FIX)
 
 
 def run_tasks(lm, tasks, include_path="", limit=0):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: find the project modules
-from cli import UserError, run
+from cli import UserError, run, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent  # the project root, above tools/
 STUB_MESSAGE = "exercise {number}: write {function} (EXERCISES.md)"
@@ -447,9 +447,7 @@ def grade(numbers, student, out, root=ROOT):
     results = report["exercises"].values()
     report["total"] = {"exercises": len(numbers), "passed": sum(r["status"] == "pass" for r in results),
                        "tests": sum(len(r["tests"]) for r in results), "tests_passed": sum(r["passed"] for r in results)}
-    partial = out.with_name(out.name + ".tmp")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, out)
+    write_atomic(out, json.dumps(report, indent=2) + "\n", "name a file in a folder you can write, with --out=FILE")
     total = report["total"]
     print(f"{student.name}: {total['passed']} of {total['exercises']} exercises pass "
           f"({total['tests_passed']} of {total['tests']} tests); each test in {out}")
