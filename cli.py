@@ -40,6 +40,10 @@ def run(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except BrokenPipeError:
+        # the reader went away (`... | head`): stop quietly, as the Python docs advise, not with a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 class _Parser(argparse.ArgumentParser):

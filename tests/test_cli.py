@@ -1,10 +1,16 @@
-"""cli.py: the device names, and the default thread count under contention."""
+"""cli.py: the device names, the default thread count under contention, and a closed output pipe."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import cli
 from cli import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -58,3 +64,15 @@ def test_device_names_are_checked(name, message):
 def test_cpu_and_auto_devices():
     assert cli.pick_device("cpu") == "cpu"
     assert cli.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_reader_that_goes_away_ends_the_script_quietly(tmp_path):
+    """`python tools/exercises.py list | head -1`: the closed pipe stops the script without a traceback."""
+    script = tmp_path / "many_lines.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport cli\n"
+                      "cli.run(lambda: [print(i) for i in range(1_000_000)])\n")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline() == b"0\n"
+    process.stdout.close()  # what head does once it has its line
+    stderr = process.communicate(timeout=60)[1].decode()
+    assert process.returncode == 1 and stderr == ""
