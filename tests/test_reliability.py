@@ -1,5 +1,5 @@
 """
-The promises of README's "Guarantees": no run is clobbered or silently wrong,
+The README's promise that the run folder is safe: no run is clobbered or silently wrong,
 a kill at any moment resumes bit for bit, and every bad input gets one line
 naming the problem and exit status 2, never a traceback.
 """
