@@ -6,9 +6,11 @@ tokenization, is tokenizer.py's job.
 No 50k-row embedding table, and the big core (model.py's GPT blocks) runs once per chunk
 of bytes, not once per byte, in one flat byte stream, as in SpaceByte (Slagle 2024):
 
-    bytes ─> embedding ─> local layers ─┬─────────────────────> + ─> local layers ─> next-byte logits
-                                        │                       ^
-                                        └─> up ─> core ─> down ─┘   at chunk ends only
+    bytes ─> embedding + n-grams ─> local layers ─┬──────────────────────> + ─> local layers ─> logits
+                                                  └─> chunk means ─> core ─┘
+
+The core runs once per chunk, on the mean of its bytes' states; its output is added to
+every byte of the next chunk.
 
     python byte_tokenizer.py "some text"     # where each rule ends chunks, and parameter counts
 """
