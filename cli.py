@@ -137,7 +137,7 @@ def require(module, package=None):
 
 
 # ----------------------------------------------------------------------------
-# the machine: --device and --threads mean the same in every script
+# files: written whole or not at all
 
 def write_atomic(path, data, fix):
     """Write bytes or text to path through a temp file renamed into place; a failure is one line ending in fix."""
@@ -153,6 +153,9 @@ def write_atomic(path, data, fix):
             tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path} ({e.strerror or e}): {fix}") from None
 
+
+# ----------------------------------------------------------------------------
+# the machine: --device and --threads mean the same in every script
 
 def pick_device(name):
     """The torch device for --device=auto|cpu|cuda|cuda:N, refusing what this machine lacks."""

@@ -76,3 +76,17 @@ def test_a_reader_that_goes_away_ends_the_script_quietly(tmp_path):
     process.stdout.close()  # what head does once it has its line
     stderr = process.communicate(timeout=60)[1].decode()
     assert process.returncode == 1 and stderr == ""
+
+
+def test_write_atomic_writes_whole_files_and_fails_in_one_line(tmp_path):
+    """Text and bytes land whole; a folder that cannot exist (a file stands there) is one UserError with the fix."""
+    cli.write_atomic(tmp_path / "a" / "text.json", "{}\n", fix="unused")
+    cli.write_atomic(tmp_path / "a" / "data.bin", b"\x00\xff", fix="unused")
+    assert (tmp_path / "a" / "text.json").read_text() == "{}\n"
+    assert (tmp_path / "a" / "data.bin").read_bytes() == b"\x00\xff"
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(UserError, match=r"could not write .*: pick another --out$"):
+        cli.write_atomic(blocker / "out.json", "{}", fix="pick another --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "not_a_folder"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["data.bin", "text.json"]  # no temp file left
