@@ -49,7 +49,7 @@ TOKEN_BYTES_NAME = "token_bytes.npy"  # beside a prepared dataset: how many byte
 @functools.lru_cache(maxsize=1)
 def gpt2_encoding():
     """tiktoken's GPT-2 encoding, with a one-line error when its files cannot be had (offline, no cache)."""
-    import tiktoken  # only BPE and the gpt2 segmenter need it
+    import tiktoken  # only BPE and GPT-2 token ends (bytes_gpt2, --boundary=gpt2) need it
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # requests' connection errors, or a corrupt cache
